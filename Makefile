@@ -1,0 +1,52 @@
+# CZone build and test entry points.  Every artifact is cached outside the
+# repo in $(CZONE_CACHE), keyed by a hash of its inputs; see README.md.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+CZONECTL := $(VENV)/bin/czonectl
+PYTEST_ARGS ?=
+
+.PHONY: all deps kernel qemu image demo test test-unit test-vm bench lint \
+	kernel-tree kernel-export qemu-export
+
+all: kernel qemu image
+
+deps:
+	scripts/deps.sh
+
+kernel: deps
+	scripts/build-kernel.sh
+
+qemu: deps
+	scripts/build-qemu.sh
+
+image: deps
+	scripts/build-image.sh
+
+demo: all
+	scripts/demo.sh
+
+test: all
+	$(VENV)/bin/pytest -ra tests/unit tests/vm $(PYTEST_ARGS)
+
+test-unit: deps
+	$(VENV)/bin/pytest -ra tests/unit $(PYTEST_ARGS)
+
+test-vm: all
+	$(VENV)/bin/pytest -ra -m vm tests/vm $(PYTEST_ARGS)
+
+bench: all
+	$(PY) -m czone.bench
+
+lint: deps
+	$(VENV)/bin/ruff check czone tests
+
+# Kernel and QEMU development: the work trees live in the cache.
+kernel-tree: deps
+	scripts/dev-tree.sh kernel
+
+kernel-export:
+	scripts/dev-tree.sh kernel export
+
+qemu-export:
+	scripts/dev-tree.sh qemu export

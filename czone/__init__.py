@@ -1,0 +1,1 @@
+"""CZone: memory-elastic secure containers (host agent)."""

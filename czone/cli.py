@@ -1,0 +1,242 @@
+"""``czonectl``: the command line of the CZone host agent."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from czone import accel as accel_mod
+from czone import artifacts
+from czone.errors import CZoneError
+from czone.guest.ssh import SSHClient
+from czone.net import check_port_free, free_port
+from czone.qemu.cmdline import build_argv
+from czone.qemu.machine import Machine, spec_for
+from czone.state import StateDB, VmRecord, status, validate_name
+
+
+class CZoneGroup(click.Group):
+    """Prints every CZoneError as one line of context, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CZoneError as e:
+            click.echo(f"czonectl: error: {e}", err=True)
+            ctx.exit(1)
+
+
+def _qemu(ctx: click.Context, override: str | None) -> Path:
+    return artifacts.qemu_binary(override or ctx.obj.get("qemu"))
+
+
+@click.group(cls=CZoneGroup)
+@click.option("--qemu", "qemu_path", metavar="PATH",
+              help="QEMU binary (default: $CZONE_QEMU, else the one `make qemu` built).")
+@click.pass_context
+def cli(ctx: click.Context, qemu_path: str | None) -> None:
+    """Memory-elastic secure containers: manage CZone VMs."""
+    ctx.ensure_object(dict)
+    ctx.obj["qemu"] = qemu_path
+
+
+@cli.group()
+def vm() -> None:
+    """Boot, list, use and stop VMs."""
+
+
+@vm.command("up")
+@click.option("--name", default="vm0", show_default=True, help="VM name.")
+@click.option("--memory", "memory_mib", type=click.IntRange(min=64), default=512,
+              show_default=True, help="Boot memory in MiB.")
+@click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--ssh-port", type=click.IntRange(1, 65535),
+              help="Host port on 127.0.0.1 forwarded to the guest's SSH (default: a free one).")
+@click.option("--qemu", "qemu_path", metavar="PATH", help="QEMU binary for this VM.")
+@click.option("--append", "extra_append", default="", help="Extra kernel command line.")
+@click.option("--boot-timeout", type=click.FloatRange(min=1), default=120.0,
+              show_default=True, help="Seconds to wait for SSH.")
+@click.option("--dry-run", is_flag=True, help="Print the QEMU command line and exit.")
+@click.pass_context
+def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: int | None,
+          qemu_path: str | None, extra_append: str, boot_timeout: float,
+          dry_run: bool) -> None:
+    """Boot a VM with the CZone kernel and guest image and wait for SSH."""
+    validate_name(name)
+    db = StateDB()
+    db.ensure_free(name)
+    kernel, image, qemu = artifacts.kernel(), artifacts.image(), _qemu(ctx, qemu_path)
+    if ssh_port is not None:
+        check_port_free(ssh_port)
+    port = ssh_port or free_port()
+    fw = tuple(artifacts.firmware_dirs())
+    if dry_run:
+        accel, why = accel_mod.cached_or_tcg(kernel.release, kernel.vmlinux, qemu, db.root)
+    else:
+        accel, why = accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs, qemu, fw,
+                                      db.root)
+    run_dir = db.vm_dir(name)
+    spec = spec_for(name, run_dir, kernel, image, qemu, accel, port, memory_mib, cpus,
+                    extra_append=extra_append)
+    if dry_run:
+        click.echo(shlex.join(build_argv(spec)))
+        return
+
+    db.reserve_launch(name, qmp_socket=str(run_dir / "qmp.sock"), ssh_port=port,
+                      ssh_key=str(image.ssh_key), run_dir=str(run_dir), accel=accel,
+                      memory_mib=memory_mib, cpus=cpus)
+    machine = Machine(spec, ssh_key=image.ssh_key)
+    click.echo(f"booting {name} ({accel}: {why}) ...", err=True)
+    try:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        machine.launch()
+        assert machine.pid is not None and machine.proc_start is not None
+        db.mark_up(name, machine.pid, machine.proc_start)
+        machine.wait_ssh(boot_timeout).close()
+    except BaseException:
+        machine.shutdown(timeout=3.0)
+        db.remove(name)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    machine.close()
+    click.echo(f"VM {name} is up: pid {machine.pid}, {accel}, {memory_mib} MiB, {cpus} CPU(s), "
+               f"ssh port {port}")
+    click.echo(f"  czonectl vm ssh {name} -- uname -a")
+    click.echo(f"  ssh -i {shlex.quote(str(image.ssh_key))} -p {port} "
+               "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@127.0.0.1")
+    click.echo(f"  czonectl vm down {name}")
+
+
+@vm.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def vm_list(as_json: bool) -> None:
+    """List VMs and whether they are still running."""
+    records = StateDB().list()
+    if as_json:
+        click.echo(json.dumps([{**r.to_dict(), "status": status(r)} for r in records],
+                              indent=2))
+        return
+    rows = [("NAME", "STATUS", "PID", "ACCEL", "MEMORY", "CPUS", "SSH")]
+    rows += [(r.name, status(r), str(r.pid), r.accel, f"{r.memory_mib}M", str(r.cpus),
+              str(r.ssh_port or "-")) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _running(db: StateDB, name: str) -> VmRecord:
+    rec = db.get(name)
+    st = status(rec)
+    if st != "running":
+        raise CZoneError(f"VM {name!r} is {st}"
+                         + (f"; `czonectl vm down {name}` removes it" if st == "dead" else ""))
+    return rec
+
+
+@vm.command("ssh", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--timeout", type=click.FloatRange(min=0.1), help="Seconds before giving up.")
+@click.pass_context
+def vm_ssh(ctx: click.Context, name: str, command: tuple[str, ...],
+           timeout: float | None) -> None:
+    """Run COMMAND in the guest (words joined by spaces, like ssh); exit with its status."""
+    rec = _running(StateDB(), name)
+    if rec.ssh_port is None or rec.ssh_key is None:
+        raise CZoneError(f"VM {name!r} has no SSH forward")
+    out, err = click.get_binary_stream("stdout"), click.get_binary_stream("stderr")
+
+    def sink(stream: Any) -> Any:
+        return lambda data: (stream.write(data), stream.flush())
+
+    with SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key)) as client:
+        result = client.run(" ".join(command), timeout=timeout,
+                            on_stdout=sink(out), on_stderr=sink(err))
+    ctx.exit(result.rc)
+
+
+@vm.command("down")
+@click.argument("name")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds per shutdown stage (QMP quit, SIGTERM, SIGKILL).")
+def vm_down(name: str, timeout: float) -> None:
+    """Stop a VM and remove its record."""
+    db = StateDB()
+    rec = db.get(name)
+    st = status(rec)
+    if st == "starting":
+        raise CZoneError(f"VM {name!r} is still starting (czonectl pid {rec.pid}); "
+                         "wait for it or stop that process")
+    if st == "running":
+        machine = Machine.attach(Path(rec.run_dir), rec.pid, rec.proc_start)
+        machine.shutdown(timeout)
+        if machine.is_running():
+            raise CZoneError(f"QEMU pid {rec.pid} of VM {name!r} did not exit")
+    db.remove(name)
+    shutil.rmtree(rec.run_dir, ignore_errors=True)
+    click.echo(f"VM {name} {'stopped' if st == 'running' else 'was dead; record removed'}")
+
+
+def _qemu_version(qemu: Path) -> str:
+    try:
+        out = subprocess.run([str(qemu), "--version"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CZoneError(f"{qemu} --version failed: {e}") from e
+    if out.returncode != 0:
+        raise CZoneError(f"{qemu} --version exited {out.returncode}: {out.stderr.strip()}")
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+@cli.command()
+@click.option("--reprobe", is_flag=True, help="Ignore the cached accelerator verdict.")
+@click.pass_context
+def doctor(ctx: click.Context, reprobe: bool) -> None:
+    """Check the artifacts, QEMU and the accelerator."""
+    problems = 0
+
+    def report(what: str, fn: Any) -> Any:
+        nonlocal problems
+        try:
+            value = fn()
+        except CZoneError as e:
+            problems += 1
+            click.echo(f"{what:<12} MISSING: {e}")
+            return None
+        return value
+
+    kernel = report("kernel", artifacts.kernel)
+    if kernel:
+        click.echo(f"{'kernel':<12} {kernel.release} ({kernel.vmlinux})")
+    image = report("image", artifacts.image)
+    if image:
+        click.echo(f"{'image':<12} {image.version} ({image.rootfs})")
+    qemu = report("qemu", lambda: _qemu(ctx, None))
+    version = qemu and report("qemu", lambda: _qemu_version(qemu))
+    if version:
+        click.echo(f"{'qemu':<12} {version} ({qemu})")
+    if kernel and image and qemu and version:
+        accel, why = accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs, qemu,
+                                      tuple(artifacts.firmware_dirs()), StateDB().root,
+                                      reprobe=reprobe)
+        click.echo(f"{'accelerator':<12} {accel}: {why}")
+    else:
+        click.echo(f"{'accelerator':<12} not probed: needs kernel, image and qemu")
+    if problems:
+        click.echo(f"{problems} problem(s) found", err=True)
+        ctx.exit(1)
+
+
+def main() -> None:
+    cli(prog_name="czonectl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Commands in the guest over SSH (paramiko).
+
+The guest's host key is not verified: the guest is reached only through
+QEMU's user-mode forward on 127.0.0.1, every VM of an image shares that
+image's throw-away host key, and a known_hosts file would only go stale
+as ports get reused.  Keys live in memory (``AutoAddPolicy``) and are never
+saved.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from czone.errors import CZoneError
+
+Sink = Callable[[bytes], object]
+
+
+class SshTimeout(CZoneError):
+    pass
+
+
+class GuestTimeout(CZoneError, TimeoutError):
+    pass
+
+
+class GuestCommandError(CZoneError):
+    def __init__(self, cmd: str, result: Result):
+        self.cmd, self.result = cmd, result
+        msg = f"guest command {cmd!r} exited with status {result.rc}"
+        for name, text in (("stdout", result.stdout), ("stderr", result.stderr)):
+            if text.strip():
+                msg += f"\n--- {name} ---\n{text.rstrip()[-4000:]}"
+        super().__init__(msg)
+
+
+@dataclass(frozen=True)
+class Result:
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class SSHClient:
+    def __init__(self, host: str, port: int, key_path: Path, user: str = "root"):
+        self.host, self.port, self.key_path, self.user = host, port, Path(key_path), user
+        self._client: paramiko.SSHClient | None = None
+
+    def _load_key(self) -> paramiko.PKey:
+        try:
+            return paramiko.Ed25519Key.from_private_key_file(str(self.key_path))
+        except (OSError, paramiko.SSHException) as e:
+            raise CZoneError(f"cannot load SSH key {self.key_path}: {e}") from e
+
+    def connect(self, timeout: float = 10.0) -> None:
+        self.close()
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        try:
+            client.connect(self.host, self.port, username=self.user, pkey=self._load_key(),
+                           timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                           allow_agent=False, look_for_keys=False)
+        except BaseException:
+            client.close()
+            raise
+        self._client = client
+
+    def wait_ready(self, timeout: float = 60.0,
+                   check: Callable[[], None] | None = None) -> None:
+        """Retry until a command runs; ``check`` may raise to abort early (e.g. VM died)."""
+        deadline = time.monotonic() + timeout
+        last: BaseException | None = None
+        while True:
+            if check:
+                check()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                self.connect(timeout=min(10.0, max(1.0, remaining)))
+                if self.run("true", timeout=min(10.0, max(1.0, remaining))).rc == 0:
+                    return
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                last = e
+                self.close()
+            time.sleep(0.5)
+        why = f": {type(last).__name__}: {last}" if last else ""
+        raise SshTimeout(f"SSH to {self.user}@{self.host}:{self.port} not ready "
+                         f"after {timeout:.0f}s{why}")
+
+    def _transport(self) -> paramiko.Transport:
+        if self._client is None:
+            self.connect()
+        assert self._client is not None
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            self.connect()
+            transport = self._client.get_transport()
+        assert transport is not None
+        return transport
+
+    def run(self, cmd: str, timeout: float | None = 60.0,
+            on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> Result:
+        """Run ``cmd``; output is collected, and also passed to the sinks as it arrives."""
+        chan = self._transport().open_session(timeout=10.0)
+        try:
+            chan.exec_command(cmd)
+            chan.shutdown_write()
+            out, err = bytearray(), bytearray()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                idle = True
+                while chan.recv_ready():
+                    data = chan.recv(65536)
+                    out += data
+                    if on_stdout:
+                        on_stdout(data)
+                    idle = False
+                while chan.recv_stderr_ready():
+                    data = chan.recv_stderr(65536)
+                    err += data
+                    if on_stderr:
+                        on_stderr(data)
+                    idle = False
+                if idle and chan.exit_status_ready() and not chan.recv_ready() \
+                        and not chan.recv_stderr_ready():
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise GuestTimeout(f"guest command {cmd!r} still running after "
+                                         f"{timeout:.0f}s")
+                if idle:
+                    time.sleep(0.01)
+            rc = chan.recv_exit_status()
+        finally:
+            chan.close()
+        return Result(rc, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    def check(self, cmd: str, timeout: float | None = 60.0) -> Result:
+        result = self.run(cmd, timeout)
+        if result.rc != 0:
+            raise GuestCommandError(cmd, result)
+        return result
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> SSHClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""QEMU process management: pure command lines and the running machine."""

@@ -1,0 +1,132 @@
+"""Pure translation of a VM description into a QEMU command line.
+
+Nothing here touches the file system, the environment or a process: the
+same ``VmSpec`` always gives the same argv, which is what ``--dry-run``
+prints and what the unit tests pin down.  Devices are small functions that
+return argument lists so later memory modes (virtio-mem, balloon, the czone
+device) can be composed in without touching the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Accel = Literal["kvm", "tcg"]
+
+# Printed by the guest's init once sshd is listening.
+READY_MARKER = "czone-init: ready"
+# Printed by the kernel when it hands over to init (the accelerator probe's marker).
+INIT_MARKER = "Run /sbin/czone-init"
+
+BASE_APPEND = ("console=ttyS0 root=/dev/vda ro rootfstype=squashfs init=/sbin/czone-init "
+               "memhp_default_state=online_movable panic=-1")
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    name: str
+    memory_mib: int
+    cpus: int
+    kernel: Path
+    rootfs: Path
+    qemu: Path
+    accel: Accel
+    ssh_port: int | None
+    run_dir: Path
+    extra_append: str = ""
+    extra_args: tuple[str, ...] = ()
+    machine: str = "q35"
+    # Address space reserved for later hot-plug; None = memory + 4 GiB.
+    max_memory_mib: int | None = None
+    memory_slots: int = 8
+    firmware_dirs: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.memory_mib <= 0 or self.cpus <= 0:
+            raise ValueError("memory_mib and cpus must be positive")
+        if self.accel not in ("kvm", "tcg"):
+            raise ValueError(f"unknown accelerator {self.accel!r}")
+        if self.max_memory_mib is not None and self.max_memory_mib < self.memory_mib:
+            raise ValueError("max_memory_mib must be >= memory_mib")
+
+
+def qmp_socket_path(run_dir: Path) -> Path:
+    return run_dir / "qmp.sock"
+
+
+def serial_log_path(run_dir: Path) -> Path:
+    return run_dir / "serial.log"
+
+
+def qemu_log_path(run_dir: Path) -> Path:
+    return run_dir / "qemu.log"
+
+
+def opt_escape(value: str | Path) -> str:
+    """Escape a value for QEMU's ``key=value,...`` option syntax."""
+    return str(value).replace(",", ",,")
+
+
+def kernel_append(spec: VmSpec) -> str:
+    return f"{BASE_APPEND} {spec.extra_append}".strip()
+
+
+def machine_args(spec: VmSpec) -> list[str]:
+    cpu = "host" if spec.accel == "kvm" else "max"
+    return ["-M", spec.machine, "-accel", spec.accel, "-cpu", cpu, "-smp", str(spec.cpus)]
+
+
+def memory_args(spec: VmSpec) -> list[str]:
+    maxmem = spec.max_memory_mib or spec.memory_mib + 4096
+    return ["-m", f"{spec.memory_mib}M,slots={spec.memory_slots},maxmem={maxmem}M"]
+
+
+def firmware_args(spec: VmSpec) -> list[str]:
+    return [a for d in spec.firmware_dirs for a in ("-L", str(d))]
+
+
+def kernel_args(spec: VmSpec) -> list[str]:
+    return ["-kernel", str(spec.kernel), "-append", kernel_append(spec)]
+
+
+def rootfs_args(spec: VmSpec) -> list[str]:
+    return ["-drive", f"file={opt_escape(spec.rootfs)},if=none,id=root,format=raw,readonly=on",
+            "-device", "virtio-blk-pci,drive=root"]
+
+
+def net_args(spec: VmSpec) -> list[str]:
+    if spec.ssh_port is None:
+        return []
+    return ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
+            "-device", "virtio-net-pci,netdev=n0"]
+
+
+def console_args(spec: VmSpec) -> list[str]:
+    return ["-display", "none",
+            "-chardev", f"file,id=serial0,path={opt_escape(serial_log_path(spec.run_dir))}",
+            "-serial", "chardev:serial0"]
+
+
+def qmp_args(spec: VmSpec) -> list[str]:
+    sock = opt_escape(qmp_socket_path(spec.run_dir))
+    return ["-chardev", f"socket,id=qmp0,path={sock},server=on,wait=off",
+            "-mon", "chardev=qmp0,mode=control"]
+
+
+def build_argv(spec: VmSpec) -> list[str]:
+    return [
+        str(spec.qemu),
+        "-name", f"czone-{spec.name}",
+        "-nodefaults", "-no-user-config", "-no-reboot",
+        *firmware_args(spec),
+        *machine_args(spec),
+        *memory_args(spec),
+        *kernel_args(spec),
+        *rootfs_args(spec),
+        *net_args(spec),
+        *console_args(spec),
+        *qmp_args(spec),
+        *spec.extra_args,
+    ]

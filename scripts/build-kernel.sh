@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# make kernel: Debian's linux-source-6.12 + kernel-patches/6.12.x + configs.
+TOOL=kernel
+. "$(dirname "$0")/lib.sh"
+
+key=$(artifact_key kernel)
+out=$CACHE/kernel/$key
+reuse_if_built "$out" release
+
+tarball=$(ls /usr/src/linux-source-6.12.tar.xz 2>/dev/null) ||
+	die "linux-source-6.12 is not installed; run 'make deps'"
+tree=$(kernel_tree)
+srcver=${tree##*/linux-}
+obj=$CACHE/build/kernel-obj
+
+if [ ! -d "$tree/.git" ]; then
+	log "unpacking $tarball"
+	rm -rf "$tree.tmp" && mkdir -p "$tree.tmp"
+	tar -C "$tree.tmp" --strip-components=1 -xf "$tarball"
+	git_tree_init "$tree.tmp" "linux-source-6.12 $srcver"
+	mv "$tree.tmp" "$tree"
+fi
+git_tree_apply "$tree" "$REPO/kernel-patches/6.12.x"
+
+mkdir -p "$obj"
+kmake() { make -C "$tree" O="$obj" LOCALVERSION="-czone-${key:0:8}" "$@"; }
+kmake -s x86_64_defconfig
+fragments=("$REPO"/kernel-patches/configs/*.config)
+"$tree/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" \
+	"$tree/kernel/configs/kvm_guest.config" "${fragments[@]}" >/dev/null
+kmake -s olddefconfig
+
+# Strict merge: every requested option must survive olddefconfig.
+bad=0
+while read -r line; do
+	case "$line" in
+	CONFIG_*=*)
+		grep -qxF "$line" "$obj/.config" || { log "requested $line, got: $(grep -E "^(# )?${line%%=*}[= ]" "$obj/.config" || echo unset)"; bad=1; } ;;
+	"# CONFIG_"*" is not set")
+		opt=${line#\# }; opt=${opt%% *}
+		! grep -qE "^$opt=" "$obj/.config" || { log "requested $line, got: $(grep -E "^$opt=" "$obj/.config")"; bad=1; } ;;
+	esac
+done < <(cat "${fragments[@]}")
+[ $bad -eq 0 ] || die "config fragments were not honoured (see above)"
+
+log "building kernel $key with -j$JOBS"
+start=$(date +%s)
+kmake -j"$JOBS" vmlinux
+kmake -s headers_install INSTALL_HDR_PATH="$obj/usr-headers" >/dev/null
+log "built in $(( $(date +%s) - start )) s"
+
+stage=$CACHE/kernel/.stage-$key
+rm -rf "$stage" && mkdir -p "$stage"
+cp "$obj/vmlinux" "$obj/.config" "$obj/System.map" "$stage/"
+mv "$stage/.config" "$stage/config"
+cp -r "$obj/usr-headers/include" "$stage/include"
+kmake -s kernelrelease > "$stage/release"
+publish "$stage" "$out"

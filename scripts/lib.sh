@@ -1,0 +1,85 @@
+# Shared helpers for the build scripts.  Sourced, not run.
+# shellcheck shell=bash
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${CZONE_CACHE:-$HOME/.cache/czone}
+JOBS=${JOBS:-$(nproc)}
+export CZONE_CACHE=$CACHE
+
+log() { printf '%s: %s\n' "${TOOL:-czone}" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Print the cache key of an artifact (kernel, qemu, image).
+artifact_key() { python3 "$REPO/czone/artifacts.py" key "$1"; }
+
+# If $1 (an artifact dir) is complete, say so and exit: the cache hit path.
+reuse_if_built() {
+	local dir=$1 marker=$2
+	if [ -e "$dir/$marker" ]; then
+		log "up to date, reusing $dir"
+		exit 0
+	fi
+}
+
+# Atomically publish a staged directory as the artifact dir.
+publish() {
+	local staged=$1 dir=$2
+	rm -rf "$dir"
+	mkdir -p "$(dirname "$dir")"
+	mv "$staged" "$dir"
+	ln -sfn "$(basename "$dir")" "$(dirname "$dir")/latest"
+	log "built $dir"
+}
+
+# Turn an unpacked source dir into a git tree whose "upstream" tag is the
+# pristine source, so our series applies with git am and exports with
+# git format-patch.
+git_tree_init() {
+	local tree=$1 what=$2
+	[ -d "$tree/.git" ] && return 0
+	log "creating git work tree $tree"
+	git -C "$tree" init -q
+	git -C "$tree" config user.name "CZone build"
+	git -C "$tree" config user.email "build@czone.invalid"
+	git -C "$tree" config core.autocrlf false
+	git -C "$tree" add -A -f .
+	git -C "$tree" commit -q -m "$what"
+	git -C "$tree" tag upstream
+}
+
+# Reset the tree's "czone" branch to upstream and git-am the series in $2
+# (numbered *.patch files, applied in name order).  Work that exists only
+# in the tree is kept on a backup branch, never thrown away.
+git_tree_apply() {
+	local tree=$1 series=$2 patches
+	if [ -n "$(git -C "$tree" status --porcelain --untracked-files=no)" ]; then
+		git -C "$tree" stash push -q -m "czone-build $(date +%s)"
+		log "stashed uncommitted edits in $tree (git stash list)"
+	fi
+	if git -C "$tree" rev-parse -q --verify czone >/dev/null &&
+	   [ "$(git -C "$tree" rev-parse czone)" != "$(git -C "$tree" rev-parse upstream)" ]; then
+		git -C "$tree" branch -f "czone-backup" czone
+	fi
+	git -C "$tree" checkout -q -B czone upstream
+	mapfile -t patches < <(find "$series" -maxdepth 1 -name '*.patch' | sort)
+	if [ ${#patches[@]} -gt 0 ]; then
+		log "applying ${#patches[@]} patches from ${series#"$REPO"/}"
+		git -C "$tree" am -q --committer-date-is-author-date "${patches[@]}" ||
+			{ git -C "$tree" am --abort; die "series ${series#"$REPO"/} does not apply"; }
+	fi
+}
+
+# Where the git work trees of the upstream sources live.
+kernel_tree() {
+	local v
+	v=$(dpkg-query -W -f='${Version}' linux-source-6.12 2>/dev/null) ||
+		die "linux-source-6.12 is not installed; run 'make deps'"
+	echo "$CACHE/src/linux-$v"
+}
+qemu_tree() {
+	local v
+	v=$(dpkg-query -W -f='${Version}' qemu-system-data 2>/dev/null) ||
+		die "qemu-system-data is not installed; run 'make deps'"
+	echo "$CACHE/src/qemu-${v#*:}"
+}

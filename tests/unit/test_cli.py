@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from czone import accel
+from czone.cli import cli
+from czone.state import StateDB, VmRecord, process_start
+
+
+def invoke(*args: str):  # noqa: ANN201
+    return CliRunner().invoke(cli, list(args))
+
+
+def add_record(name: str, pid: int | None = None, start: float | None = None) -> None:
+    pid = pid or os.getpid()
+    StateDB().reserve(VmRecord(
+        name=name, state="up", pid=pid, proc_start=start or process_start(pid),
+        qmp_socket="/nonexistent/qmp.sock", ssh_port=1, ssh_key="/k",
+        run_dir="/nonexistent", accel="tcg", memory_mib=512, cpus=1, created=1.0))
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_missing_artifact_names_make_target() -> None:
+    r = invoke("vm", "up")
+    assert r.exit_code == 1
+    assert r.output.startswith("czonectl: error: kernel artifact not built")
+    assert "run `make kernel`" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_doctor_lists_every_missing_target() -> None:
+    r = invoke("doctor")
+    assert r.exit_code == 1
+    for target in ("make kernel", "make image", "make qemu"):
+        assert target in r.output
+    assert "accelerator  not probed" in r.output
+
+
+def test_unknown_name() -> None:
+    add_record("other")
+    for cmd in (["vm", "down", "nope"], ["vm", "ssh", "nope", "--", "true"]):
+        r = invoke(*cmd)
+        assert r.exit_code == 1
+        assert "czonectl: error: no VM named 'nope' (known: other)" in r.output
+
+
+def test_duplicate_name(fake_artifacts: dict) -> None:
+    add_record("vm0")
+    r = invoke("vm", "up", "--name", "vm0", "--dry-run")
+    assert r.exit_code == 1
+    assert "czonectl: error: a VM named 'vm0' already exists (running)" in r.output
+
+
+def test_busy_port(fake_artifacts: dict) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = invoke("vm", "up", "--ssh-port", str(port), "--dry-run")
+    assert r.exit_code == 1
+    assert f"czonectl: error: port {port} on 127.0.0.1 is already in use" in r.output
+
+
+def test_invalid_name() -> None:
+    r = invoke("vm", "up", "--name", "../x", "--dry-run")
+    assert r.exit_code == 1 and "invalid VM name" in r.output
+
+
+def test_dry_run_prints_argv(fake_artifacts: dict, isolated_env: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accel, "probe_kvm", lambda *a, **k: pytest.fail("probed"))
+    r = invoke("vm", "up", "--name", "t1", "--memory", "768", "--cpus", "2",
+               "--ssh-port", "2299", "--dry-run")
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1
+    argv = shlex.split(lines[0])
+    assert argv[0] == str(fake_artifacts["qemu"])
+    assert argv[argv.index("-kernel") + 1] == str(fake_artifacts["vmlinux"])
+    assert argv[argv.index("-m") + 1].startswith("768M,")
+    assert argv[argv.index("-smp") + 1] == "2"
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert "user,id=n0,hostfwd=tcp:127.0.0.1:2299-:22" in argv
+    run_dir = isolated_env / "run" / "vms" / "t1"
+    assert f"socket,id=qmp0,path={run_dir}/qmp.sock,server=on,wait=off" in argv
+    assert not run_dir.exists()
+    assert StateDB().list() == []
+
+
+def test_dry_run_uses_cached_verdict(fake_artifacts: dict, isolated_env: Path) -> None:
+    key = accel.cache_key("6.12.0-czone", fake_artifacts["vmlinux"], fake_artifacts["qemu"])
+    accel.write_cache(isolated_env / "run", key, "kvm", "probe ok")
+    r = invoke("vm", "up", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "-accel kvm -cpu host" in r.output
+
+
+def test_global_qemu_option(fake_artifacts: dict, tmp_path: Path) -> None:
+    r = invoke("--qemu", str(tmp_path / "nope"), "vm", "up", "--dry-run")
+    assert r.exit_code == 1 and "QEMU binary" in r.output and "does not exist" in r.output
+
+
+def test_qemu_exiting_early_shows_stderr(fake_artifacts: dict,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CZONE_ACCEL", "tcg")
+    fake_artifacts["qemu"].write_text("#!/bin/sh\necho 'qemu: boom: bad option' >&2\nexit 1\n")
+    r = invoke("vm", "up", "--name", "early")
+    assert r.exit_code == 1
+    assert "czonectl: error: QEMU exited with status 1" in r.output
+    assert "qemu: boom: bad option" in r.output
+    assert StateDB().list() == []
+    assert not StateDB().vm_dir("early").exists()
+
+
+def test_list_shows_dead_and_json() -> None:
+    add_record("alive")
+    add_record("gone", pid=dead_pid(), start=1.0)
+    r = invoke("vm", "list")
+    assert r.exit_code == 0
+    rows = {line.split()[0]: line.split()[1] for line in r.output.splitlines()[1:]}
+    assert rows == {"alive": "running", "gone": "dead"}
+    data = json.loads(invoke("vm", "list", "--json").output)
+    assert {d["name"]: d["status"] for d in data} == {"alive": "running", "gone": "dead"}
+
+
+def test_down_dead_removes_record() -> None:
+    add_record("gone", pid=dead_pid(), start=1.0)
+    r = invoke("vm", "down", "gone")
+    assert r.exit_code == 0 and "was dead" in r.output
+    assert StateDB().list() == []
+
+
+def test_ssh_to_dead_vm() -> None:
+    add_record("gone", pid=dead_pid(), start=1.0)
+    r = invoke("vm", "ssh", "gone", "--", "true")
+    assert r.exit_code == 1 and "VM 'gone' is dead" in r.output
+
+
+def test_console_script_entry_point() -> None:
+    exe = Path(sys.executable).parent / "czonectl"
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "vm" in r.stdout

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from czone.qemu.cmdline import BASE_APPEND, VmSpec, build_argv
+
+SPEC = VmSpec(name="vm0", memory_mib=512, cpus=2, kernel=Path("/k/vmlinux"),
+              rootfs=Path("/i/rootfs.squashfs"), qemu=Path("/q/qemu-system-x86_64"),
+              accel="tcg", ssh_port=2222, run_dir=Path("/run/vm0"),
+              firmware_dirs=(Path("/usr/share/qemu"), Path("/usr/share/seabios")))
+
+
+def pairs(argv: list[str]) -> list[tuple[str, str]]:
+    return list(zip(argv, argv[1:], strict=False))
+
+
+def test_exact_args() -> None:
+    argv = build_argv(SPEC)
+    assert argv[0] == "/q/qemu-system-x86_64"
+    p = pairs(argv)
+    for pair in [("-M", "q35"), ("-accel", "tcg"), ("-cpu", "max"), ("-smp", "2"),
+                 ("-m", "512M,slots=8,maxmem=4608M"), ("-kernel", "/k/vmlinux"),
+                 ("-L", "/usr/share/qemu"), ("-L", "/usr/share/seabios"),
+                 ("-drive", "file=/i/rootfs.squashfs,if=none,id=root,format=raw,readonly=on"),
+                 ("-device", "virtio-blk-pci,drive=root"),
+                 ("-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22"),
+                 ("-device", "virtio-net-pci,netdev=n0"),
+                 ("-display", "none"),
+                 ("-chardev", "file,id=serial0,path=/run/vm0/serial.log"),
+                 ("-serial", "chardev:serial0"),
+                 ("-chardev", "socket,id=qmp0,path=/run/vm0/qmp.sock,server=on,wait=off"),
+                 ("-mon", "chardev=qmp0,mode=control")]:
+        assert pair in p, pair
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
+        assert flag in argv
+    assert "-nographic" not in argv
+
+
+def test_append() -> None:
+    append = build_argv(replace(SPEC, extra_append="quiet foo=1"))
+    value = append[append.index("-append") + 1]
+    assert value == BASE_APPEND + " quiet foo=1"
+    for word in ("console=ttyS0", "root=/dev/vda", "ro", "rootfstype=squashfs",
+                 "init=/sbin/czone-init", "memhp_default_state=online_movable", "panic=-1"):
+        assert word in value.split()
+
+
+def test_kvm_uses_host_cpu() -> None:
+    p = pairs(build_argv(replace(SPEC, accel="kvm")))
+    assert ("-accel", "kvm") in p and ("-cpu", "host") in p
+
+
+def test_no_ssh_port_no_network() -> None:
+    argv = build_argv(replace(SPEC, ssh_port=None))
+    assert "-netdev" not in argv and "virtio-net-pci,netdev=n0" not in argv
+
+
+def test_extra_args_last_and_maxmem() -> None:
+    argv = build_argv(replace(SPEC, extra_args=("-foo", "bar"), max_memory_mib=8192,
+                              memory_slots=4))
+    assert argv[-2:] == ["-foo", "bar"]
+    assert ("-m", "512M,slots=4,maxmem=8192M") in pairs(argv)
+
+
+def test_commas_escaped() -> None:
+    argv = build_argv(replace(SPEC, run_dir=Path("/r,x"), rootfs=Path("/a,b.img")))
+    assert "file=/a,,b.img,if=none,id=root,format=raw,readonly=on" in argv
+    assert "file,id=serial0,path=/r,,x/serial.log" in argv
+
+
+def test_pure() -> None:
+    assert build_argv(SPEC) == build_argv(SPEC)
+
+
+@pytest.mark.parametrize("change", [{"memory_mib": 0}, {"cpus": 0}, {"accel": "hvf"},
+                                    {"max_memory_mib": 100}])
+def test_invalid_spec(change: dict) -> None:
+    with pytest.raises(ValueError):
+        replace(SPEC, **change)

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from czone.state import (
+    DuplicateVm,
+    InvalidName,
+    StateDB,
+    UnknownVm,
+    VmRecord,
+    process_start,
+    run_root,
+    status,
+    validate_name,
+)
+
+
+def record(name: str = "vm0", pid: int | None = None, start: float | None = None,
+           state: str = "up") -> VmRecord:
+    pid = pid or os.getpid()
+    return VmRecord(name=name, state=state, pid=pid,
+                    proc_start=start if start is not None else process_start(pid),
+                    qmp_socket="/r/qmp.sock", ssh_port=2222, ssh_key="/k", run_dir="/r",
+                    accel="tcg", memory_mib=512, cpus=1, created=1.0)
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_run_root_from_env(isolated_env: Path) -> None:
+    assert run_root() == isolated_env / "run"
+    assert StateDB().path == isolated_env / "run" / "state.db"
+
+
+def test_roundtrip() -> None:
+    db = StateDB()
+    db.reserve(record("a"))
+    db.reserve(record("b"))
+    assert [r.name for r in db.list()] == ["a", "b"]
+    assert db.get("a") == record("a")
+    db.remove("a")
+    assert [r.name for r in db.list()] == ["b"]
+
+
+def test_records_survive_a_new_handle() -> None:
+    StateDB().reserve(record("a"))
+    assert StateDB().get("a").ssh_port == 2222
+
+
+def test_duplicate_running() -> None:
+    db = StateDB()
+    db.reserve(record("a"))
+    with pytest.raises(DuplicateVm, match="already exists .running.; pick another"):
+        db.reserve(record("a"))
+
+
+def test_duplicate_dead_hints_vm_down() -> None:
+    db = StateDB()
+    db.reserve(record("a", pid=dead_pid(), start=1.0))
+    with pytest.raises(DuplicateVm, match="dead.*czonectl vm down a"):
+        db.ensure_free("a")
+
+
+def test_unknown_lists_known() -> None:
+    db = StateDB()
+    db.reserve(record("a"))
+    with pytest.raises(UnknownVm, match="no VM named 'zz' .known: a"):
+        db.get("zz")
+
+
+def test_status_running_starting_dead() -> None:
+    assert status(record()) == "running"
+    assert status(record(state="starting")) == "starting"
+    assert status(record(pid=dead_pid(), start=1.0)) == "dead"
+
+
+def test_pid_reuse_is_dead() -> None:
+    me = os.getpid()
+    assert status(record(pid=me, start=process_start(me) - 100)) == "dead"
+
+
+def test_reserve_launch_then_mark_up() -> None:
+    db = StateDB()
+    rec = db.reserve_launch("v", qmp_socket="/q", ssh_port=1, ssh_key=None, run_dir="/r",
+                            accel="tcg", memory_mib=64, cpus=1)
+    assert rec.pid == os.getpid() and status(db.get("v")) == "starting"
+    db.mark_up("v", os.getpid(), process_start(os.getpid()))
+    assert status(db.get("v")) == "running"
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a b", "a/b", "x" * 33, "é"])
+def test_invalid_names(name: str) -> None:
+    with pytest.raises(InvalidName):
+        validate_name(name)

@@ -1,0 +1,112 @@
+"""Layered fixtures for tests that boot real VMs (after Firecracker's test suite).
+
+``artifacts`` (session) -> ``microvm_factory`` (function; owns and kills every
+VM it made, saves their logs when the test failed) -> ``booted_vm``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from czone import accel as accel_mod
+from czone import artifacts as art
+from czone.net import free_port
+from czone.qemu.cmdline import Accel
+from czone.qemu.machine import Machine, spec_for
+from czone.state import run_root
+
+REPO = Path(__file__).resolve().parents[2]
+BOOT_TIMEOUT = float(os.environ.get("CZONE_TEST_BOOT_TIMEOUT", "60"))
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    kernel: art.Kernel
+    image: art.Image
+    qemu: Path
+    accel: Accel
+    accel_reason: str
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Artifacts:
+    try:
+        kernel, image, qemu = art.kernel(), art.image(), art.qemu_binary()
+    except art.ArtifactMissing as e:
+        # `make test` builds the artifacts first, so a missing one is a failure.
+        pytest.fail(str(e), pytrace=False)
+    accel, why = accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs, qemu,
+                                  tuple(art.firmware_dirs()), run_root())
+    print(f"\nczone vm tests: accelerator {accel} ({why})")
+    return Artifacts(kernel, image, qemu, accel, why)
+
+
+class MicrovmFactory:
+    def __init__(self, artifacts: Artifacts):
+        self.artifacts = artifacts
+        self.machines: list[Machine] = []
+
+    def build(self, name: str = "vm", memory_mib: int = 512, cpus: int = 1,
+              ssh: bool = True, **extra: object) -> Machine:
+        # Short run dirs under /tmp: the QMP socket path must fit AF_UNIX's 108 bytes.
+        run_dir = Path(tempfile.mkdtemp(prefix=f"czone-{name}-"))
+        a = self.artifacts
+        spec = spec_for(name, run_dir, a.kernel, a.image, a.qemu, a.accel,
+                        free_port() if ssh else None, memory_mib, cpus, **extra)
+        machine = Machine(spec, ssh_key=a.image.ssh_key)
+        self.machines.append(machine)
+        return machine
+
+    def boot(self, name: str = "vm", **kw: object) -> Machine:
+        machine = self.build(name, **kw)
+        machine.launch()
+        machine.wait_boot(BOOT_TIMEOUT)
+        machine.wait_ssh(BOOT_TIMEOUT).close()
+        return machine
+
+    def save_logs(self, dest: Path) -> None:
+        for m in self.machines:
+            d = dest / m.run_dir.name
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "argv.txt").write_text("\n".join(m.argv) + "\n")
+            for f in (m.serial_log, m.qemu_log):
+                if f.exists():
+                    shutil.copy(f, d / f.name)
+            if m.is_running() and m.ssh_port is not None:
+                try:
+                    with m.ssh() as ssh:
+                        ssh.connect(timeout=5)
+                        (d / "dmesg.txt").write_text(ssh.run("dmesg", timeout=15).stdout)
+                except Exception as e:  # best effort: the test has already failed
+                    (d / "dmesg.txt").write_text(f"dmesg unavailable: {e}\n")
+
+    def kill_all(self) -> None:
+        for m in self.machines:
+            m.kill()
+            shutil.rmtree(m.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def microvm_factory(request: pytest.FixtureRequest,
+                    artifacts: Artifacts) -> Iterator[MicrovmFactory]:
+    factory = MicrovmFactory(artifacts)
+    try:
+        yield factory
+    finally:
+        failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
+                     for w in ("setup", "call"))
+        if failed:
+            factory.save_logs(REPO / "test-artifacts" / request.node.name)
+        factory.kill_all()
+
+
+@pytest.fixture
+def booted_vm(microvm_factory: MicrovmFactory) -> Machine:
+    return microvm_factory.boot()
