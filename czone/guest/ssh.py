@@ -9,6 +9,7 @@ saved.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ import paramiko
 from czone.errors import CZoneError
 
 Sink = Callable[[bytes], object]
+
+# Retries while the guest boots make paramiko log tracebacks; keep them off stderr.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 class SshTimeout(CZoneError):
