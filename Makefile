@@ -20,7 +20,7 @@ kernel: deps
 qemu: deps
 	scripts/build-qemu.sh
 
-image: deps
+image: kernel
 	scripts/build-image.sh
 
 demo: all
@@ -36,7 +36,7 @@ test-vm: all
 	$(VENV)/bin/pytest -ra -m vm tests/vm $(PYTEST_ARGS)
 
 bench: all
-	$(PY) -m czone.bench
+	$(PY) -m czone.bench $(BENCH)
 
 lint: deps
 	$(VENV)/bin/ruff check czone tests

@@ -120,6 +120,12 @@ def detect(kernel_release: str, vmlinux: Path, rootfs: Path, qemu: Path,
     return verdict
 
 
+def will_probe(kernel_release: str, vmlinux: Path, qemu: Path, state_dir: Path) -> bool:
+    """True if ``detect`` would boot a probe VM now (so callers can say so)."""
+    return (forced() is None and kvm_device_usable()[0]
+            and read_cache(state_dir, cache_key(kernel_release, vmlinux, qemu)) is None)
+
+
 def cached_or_tcg(kernel_release: str, vmlinux: Path, qemu: Path,
                   state_dir: Path) -> tuple[Accel, str]:
     """Without probing (for --dry-run): forced, cached, else TCG."""

@@ -34,6 +34,8 @@ INPUTS: dict[str, tuple[tuple[str, ...], str | None, str]] = {
     "image": (("guest-image", "scripts/build-image.sh", "scripts/lib.sh"),
               None, "make image"),
 }
+# The image's in-guest tools compile against the kernel's UAPI headers.
+DEPENDS: dict[str, tuple[str, ...]] = {"image": ("kernel",)}
 
 
 class ArtifactMissing(CZoneError):
@@ -76,6 +78,8 @@ def input_key(name: str, root: Path = REPO) -> str:
             h.update(f.read_bytes() + b"\0")
     if deb:
         h.update(f"{deb}={_deb_version(deb)}".encode())
+    for dep in DEPENDS.get(name, ()):
+        h.update(f"{dep}={input_key(dep, root)}".encode())
     return h.hexdigest()[:12]
 
 

@@ -17,7 +17,7 @@ from czone import artifacts
 from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient
 from czone.net import check_port_free, free_port
-from czone.qemu.cmdline import build_argv
+from czone.qemu.cmdline import Accel, build_argv, qmp_socket_path
 from czone.qemu.machine import Machine, spec_for
 from czone.state import StateDB, VmRecord, status, validate_name
 
@@ -35,6 +35,15 @@ class CZoneGroup(click.Group):
 
 def _qemu(ctx: click.Context, override: str | None) -> Path:
     return artifacts.qemu_binary(override or ctx.obj.get("qemu"))
+
+
+def _detect_accel(kernel: artifacts.Kernel, image: artifacts.Image, qemu: Path,
+                  state_dir: Path, reprobe: bool = False) -> tuple[Accel, str]:
+    if reprobe or accel_mod.will_probe(kernel.release, kernel.vmlinux, qemu, state_dir):
+        click.echo(f"probing KVM with a test boot (up to {accel_mod.PROBE_TIMEOUT:.0f}s) ...",
+                   err=True)
+    return accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs, qemu,
+                            tuple(artifacts.firmware_dirs()), state_dir, reprobe=reprobe)
 
 
 @click.group(cls=CZoneGroup)
@@ -76,12 +85,10 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
     if ssh_port is not None:
         check_port_free(ssh_port)
     port = ssh_port or free_port()
-    fw = tuple(artifacts.firmware_dirs())
     if dry_run:
         accel, why = accel_mod.cached_or_tcg(kernel.release, kernel.vmlinux, qemu, db.root)
     else:
-        accel, why = accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs, qemu, fw,
-                                      db.root)
+        accel, why = _detect_accel(kernel, image, qemu, db.root)
     run_dir = db.vm_dir(name)
     spec = spec_for(name, run_dir, kernel, image, qemu, accel, port, memory_mib, cpus,
                     extra_append=extra_append)
@@ -89,7 +96,7 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
         click.echo(shlex.join(build_argv(spec)))
         return
 
-    db.reserve_launch(name, qmp_socket=str(run_dir / "qmp.sock"), ssh_port=port,
+    db.reserve_launch(name, qmp_socket=str(qmp_socket_path(run_dir)), ssh_port=port,
                       ssh_key=str(image.ssh_key), run_dir=str(run_dir), accel=accel,
                       memory_mib=memory_mib, cpus=cpus)
     machine = Machine(spec, ssh_key=image.ssh_key)
@@ -151,14 +158,14 @@ def vm_ssh(ctx: click.Context, name: str, command: tuple[str, ...],
     rec = _running(StateDB(), name)
     if rec.ssh_port is None or rec.ssh_key is None:
         raise CZoneError(f"VM {name!r} has no SSH forward")
-    out, err = click.get_binary_stream("stdout"), click.get_binary_stream("stderr")
 
     def sink(stream: Any) -> Any:
-        return lambda data: (stream.write(data), stream.flush())
+        binary = stream.buffer
+        return lambda data: (binary.write(data), binary.flush())
 
     with SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key)) as client:
         result = client.run(" ".join(command), timeout=timeout,
-                            on_stdout=sink(out), on_stderr=sink(err))
+                            on_stdout=sink(sys.stdout), on_stderr=sink(sys.stderr))
     ctx.exit(result.rc)
 
 
@@ -223,9 +230,7 @@ def doctor(ctx: click.Context, reprobe: bool) -> None:
     if version:
         click.echo(f"{'qemu':<12} {version} ({qemu})")
     if kernel and image and qemu and version:
-        accel, why = accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs, qemu,
-                                      tuple(artifacts.firmware_dirs()), StateDB().root,
-                                      reprobe=reprobe)
+        accel, why = _detect_accel(kernel, image, qemu, StateDB().root, reprobe)
         click.echo(f"{'accelerator':<12} {accel}: {why}")
     else:
         click.echo(f"{'accelerator':<12} not probed: needs kernel, image and qemu")

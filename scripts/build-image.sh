@@ -40,6 +40,13 @@ trap 'rm -rf "$stage"' EXIT
 tar -C "$root" -xf "$base"
 
 cp -a "$REPO/guest-image/rootfs/." "$root/"
+
+kdir=$(python3 "$REPO/czone/artifacts.py" dir kernel)
+[ -d "$kdir/include" ] || die "kernel headers missing at $kdir/include; run 'make kernel'"
+mkdir -p "$stage/tools"
+make -s -C "$REPO/guest-image/tools" O="$stage/tools" KHDR="$kdir/include" ||
+	die "building the in-guest tools failed"
+find "$stage/tools" -maxdepth 1 -type f -executable -exec install -m 755 -t "$root/usr/local/bin" {} +
 echo "czone-image-$key" > "$root/etc/czone-release"
 echo czone > "$root/etc/hostname"
 

@@ -20,12 +20,17 @@ import paramiko
 from czone.errors import CZoneError
 
 Sink = Callable[[bytes], object]
+NET_ERRORS = (paramiko.SSHException, OSError, EOFError)
 
 # Retries while the guest boots make paramiko log tracebacks; keep them off stderr.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
-class SshTimeout(CZoneError):
+class SshError(CZoneError):
+    """The SSH connection failed (refused, reset, handshake or auth error)."""
+
+
+class SshTimeout(SshError):
     pass
 
 
@@ -69,6 +74,10 @@ class SSHClient:
             client.connect(self.host, self.port, username=self.user, pkey=self._load_key(),
                            timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                            allow_agent=False, look_for_keys=False)
+        except NET_ERRORS as e:
+            client.close()
+            raise SshError(f"cannot connect to {self.user}@{self.host}:{self.port}: "
+                           f"{type(e).__name__}: {e}") from e
         except BaseException:
             client.close()
             raise
@@ -89,11 +98,11 @@ class SSHClient:
                 self.connect(timeout=min(10.0, max(1.0, remaining)))
                 if self.run("true", timeout=min(10.0, max(1.0, remaining))).rc == 0:
                     return
-            except (paramiko.SSHException, OSError, EOFError) as e:
+            except (SshError, GuestTimeout) as e:
                 last = e
                 self.close()
             time.sleep(0.5)
-        why = f": {type(last).__name__}: {last}" if last else ""
+        why = f" (last error: {last})" if last else ""
         raise SshTimeout(f"SSH to {self.user}@{self.host}:{self.port} not ready "
                          f"after {timeout:.0f}s{why}")
 
@@ -111,6 +120,17 @@ class SSHClient:
     def run(self, cmd: str, timeout: float | None = 60.0,
             on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> Result:
         """Run ``cmd``; output is collected, and also passed to the sinks as it arrives."""
+        try:
+            return self._run(cmd, timeout, on_stdout, on_stderr)
+        except GuestTimeout:
+            raise
+        except NET_ERRORS as e:
+            self.close()
+            raise SshError(f"SSH session to {self.host}:{self.port} failed while running "
+                           f"{cmd!r}: {type(e).__name__}: {e}") from e
+
+    def _run(self, cmd: str, timeout: float | None, on_stdout: Sink | None,
+             on_stderr: Sink | None) -> Result:
         chan = self._transport().open_session(timeout=10.0)
         try:
             chan.exec_command(cmd)

@@ -99,8 +99,9 @@ def rootfs_args(spec: VmSpec) -> list[str]:
 def net_args(spec: VmSpec) -> list[str]:
     if spec.ssh_port is None:
         return []
+    # romfile= drops the PXE option ROM: we boot with -kernel and need no iPXE.
     return ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
-            "-device", "virtio-net-pci,netdev=n0"]
+            "-device", "virtio-net-pci,netdev=n0,romfile="]
 
 
 def console_args(spec: VmSpec) -> list[str]:

@@ -110,6 +110,7 @@ class Machine:
         self._popen: subprocess.Popen[bytes] | None = None
         self._proc: psutil.Process | None = None
         self._qmp: QmpSession | None = None
+        self.qmp_timeout: float | None = 30.0
 
     @classmethod
     def attach(cls, run_dir: Path, pid: int, proc_start: float,
@@ -267,11 +268,11 @@ class Machine:
             self._qmp = session
         return self._qmp
 
-    def qmp(self, cmd: str, timeout: float | None = 30.0, **args: Any) -> Any:
-        """Run a QMP command and return its ``return`` value."""
+    def qmp(self, cmd: str, /, **args: Any) -> Any:
+        """Run a QMP command and return its ``return`` value (``qmp_timeout`` applies)."""
         session = self._ensure_qmp()
         try:
-            return session.execute(cmd, args, timeout)
+            return session.execute(cmd, args, self.qmp_timeout)
         except QMPError as e:
             raise QmpCommandError(f"QMP {cmd} failed: {e}") from e
 
@@ -283,12 +284,12 @@ class Machine:
     def _try_quit(self, timeout: float) -> bool:
         """Send QMP quit; False if QMP could not even be reached."""
         try:
-            self._ensure_qmp()
+            session = self._ensure_qmp()
         except CZoneError:
             return False
         try:
-            self.qmp("quit", timeout=min(timeout, 5.0))
-        except (TimeoutError, CZoneError, OSError, EOFError):
+            session.execute("quit", None, min(timeout, 5.0))
+        except (TimeoutError, QMPError, OSError, EOFError):
             pass  # QEMU may hang up before it answers quit
         return True
 

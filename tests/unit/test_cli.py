@@ -154,3 +154,10 @@ def test_console_script_entry_point() -> None:
     exe = Path(sys.executable).parent / "czonectl"
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "vm" in r.stdout
+
+
+def test_ssh_connection_failure_is_clean() -> None:
+    add_record("vm0")  # "running" (our own pid) but nothing listens on its port
+    r = invoke("vm", "ssh", "vm0", "--", "true")
+    assert r.exit_code == 1 and r.output.startswith("czonectl: error: ")
+    assert "Traceback" not in r.output

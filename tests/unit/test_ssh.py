@@ -10,7 +10,7 @@ import paramiko
 import pytest
 
 from czone.errors import CZoneError
-from czone.guest.ssh import GuestCommandError, Result, SSHClient, SshTimeout
+from czone.guest.ssh import GuestCommandError, Result, SSHClient, SshError, SshTimeout
 from czone.net import free_port
 
 
@@ -61,3 +61,8 @@ def test_guest_command_error_message() -> None:
 
 def test_paramiko_reads_openssh_ed25519(key: Path) -> None:
     assert isinstance(SSHClient("h", 1, key)._load_key(), paramiko.Ed25519Key)
+
+
+def test_run_on_closed_port_is_a_clean_error(key: Path) -> None:
+    with pytest.raises(SshError, match="cannot connect to root@127.0.0.1"):
+        SSHClient("127.0.0.1", free_port(), key).run("true")

@@ -1,0 +1,56 @@
+"""Boot to SSH-ready: launch → kernel hands over to init → sshd up → a command ran."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from czone import accel as accel_mod
+from czone import artifacts
+from czone.bench.report import median, table
+from czone.net import free_port
+from czone.qemu.cmdline import INIT_MARKER, READY_MARKER, Accel
+from czone.qemu.machine import Machine, spec_for
+from czone.state import run_root
+
+TIMEOUT = 120.0
+
+
+def boot_once(accel: Accel, memory_mib: int, workdir: Path) -> dict[str, float]:
+    kernel, image, qemu = artifacts.kernel(), artifacts.image(), artifacts.qemu_binary()
+    spec = spec_for("bench", workdir, kernel, image, qemu, accel, free_port(), memory_mib)
+    with Machine(spec, ssh_key=image.ssh_key) as m:
+        t0 = time.monotonic()
+        m.launch()
+        m.wait_for_console(INIT_MARKER, TIMEOUT)
+        t_init = time.monotonic()
+        m.wait_for_console(READY_MARKER, TIMEOUT)
+        t_ready = time.monotonic()
+        m.wait_ssh(TIMEOUT).close()
+        t_ssh = time.monotonic()
+    return {"init_s": t_init - t0, "sshd_s": t_ready - t0, "ssh_ready_s": t_ssh - t0}
+
+
+def run(rounds: int = 5, memory_mib: int = 512) -> dict[str, Any]:
+    kernel = artifacts.kernel()
+    image = artifacts.image()
+    probed, why = accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs,
+                                   artifacts.qemu_binary(), tuple(artifacts.firmware_dirs()),
+                                   run_root())
+    accels: list[Accel] = ["tcg"] + (["kvm"] if probed == "kvm" else [])
+    result: dict[str, Any] = {"kernel": kernel.release, "image": image.version,
+                              "memory_mib": memory_mib, "probe": [probed, why], "runs": {}}
+    rows = []
+    for accel in accels:
+        samples = []
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory(prefix="czb-") as d:
+                samples.append(boot_once(accel, memory_mib, Path(d)))
+        result["runs"][accel] = samples
+        rows.append([accel, rounds] + [median([s[k] for s in samples])
+                                       for k in ("init_s", "sshd_s", "ssh_ready_s")])
+    print(f"boot to SSH-ready, {memory_mib} MiB guest, medians (accelerator probe: {why})")
+    print(table(["accel", "rounds", "to init (s)", "sshd up (s)", "SSH ready (s)"], rows))
+    return result
