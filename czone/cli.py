@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient
 from czone.net import check_port_free, free_port
 from czone.qemu.cmdline import Accel, build_argv, qmp_socket_path
-from czone.qemu.machine import Machine, spec_for
+from czone.qemu.machine import Machine, own_qemu_processes, spec_for
 from czone.state import StateDB, VmRecord, status, validate_name
 
 
@@ -101,6 +102,8 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
                       memory_mib=memory_mib, cpus=cpus)
     machine = Machine(spec, ssh_key=image.ssh_key)
     click.echo(f"booting {name} ({accel}: {why}) ...", err=True)
+    # A SIGTERM while booting must still run the cleanup below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         shutil.rmtree(run_dir, ignore_errors=True)
         machine.launch()
@@ -186,6 +189,10 @@ def vm_down(name: str, timeout: float) -> None:
         machine.shutdown(timeout)
         if machine.is_running():
             raise CZoneError(f"QEMU pid {rec.pid} of VM {name!r} did not exit")
+    else:
+        # A `vm up` killed mid-launch can leave QEMU running under a dead record.
+        for proc in own_qemu_processes(Path(rec.run_dir)):
+            proc.kill()
     db.remove(name)
     shutil.rmtree(rec.run_dir, ignore_errors=True)
     click.echo(f"VM {name} {'stopped' if st == 'running' else 'was dead; record removed'}")

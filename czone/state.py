@@ -92,13 +92,24 @@ class VmRecord:
         return asdict(self)
 
 
-def pid_matches(pid: int, proc_start: float) -> bool:
+# psutil derives start times from /proc/stat's btime, which can drift by a second.
+START_TOLERANCE = 1.0
+
+
+def live_process(pid: int, proc_start: float) -> psutil.Process | None:
+    """The process ``pid`` if it is alive and is the one that started at ``proc_start``."""
     try:
         proc = psutil.Process(pid)
-        return (abs(proc.create_time() - proc_start) < 0.01
-                and proc.status() != psutil.STATUS_ZOMBIE)
+        if (abs(proc.create_time() - proc_start) < START_TOLERANCE
+                and proc.status() != psutil.STATUS_ZOMBIE):
+            return proc
     except psutil.Error:
-        return False
+        pass
+    return None
+
+
+def pid_matches(pid: int, proc_start: float) -> bool:
+    return live_process(pid, proc_start) is not None
 
 
 def status(record: VmRecord) -> Status:

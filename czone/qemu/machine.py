@@ -32,6 +32,7 @@ from czone.qemu.cmdline import (
     qmp_socket_path,
     serial_log_path,
 )
+from czone.state import live_process
 
 TAIL_LINES = 25
 # sun_path is 108 bytes including the terminating NUL.
@@ -119,12 +120,7 @@ class Machine:
         m = cls.__new__(cls)
         m.spec = None
         m._setup(run_dir, ssh_port, ssh_key)
-        try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - proc_start) < 0.01:
-                m._proc = proc
-        except psutil.Error:
-            pass
+        m._proc = live_process(pid, proc_start)
         return m
 
     # -- process state -------------------------------------------------
@@ -336,8 +332,8 @@ def spec_for(name: str, run_dir: Path, kernel: Kernel, image: Image, qemu: Path,
 
 
 def own_qemu_processes(run_dir: Path) -> list[psutil.Process]:
-    """QEMU processes whose command line mentions ``run_dir``."""
-    needle = str(run_dir)
+    """QEMU processes whose command line mentions a path inside ``run_dir``."""
+    needle = f"{run_dir}/"
     found = []
     for p in psutil.process_iter(["cmdline", "pid"]):
         try:
