@@ -19,7 +19,7 @@ from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient
 from czone.net import check_port_free, free_port
 from czone.qemu.cmdline import Accel, build_argv, qmp_socket_path
-from czone.qemu.machine import Machine, own_qemu_processes, spec_for
+from czone.qemu.machine import Machine, kill_strays, spec_for
 from czone.state import StateDB, VmRecord, status, validate_name
 
 
@@ -191,8 +191,7 @@ def vm_down(name: str, timeout: float) -> None:
             raise CZoneError(f"QEMU pid {rec.pid} of VM {name!r} did not exit")
     else:
         # A `vm up` killed mid-launch can leave QEMU running under a dead record.
-        for proc in own_qemu_processes(Path(rec.run_dir)):
-            proc.kill()
+        kill_strays(Path(rec.run_dir))
     db.remove(name)
     shutil.rmtree(rec.run_dir, ignore_errors=True)
     click.echo(f"VM {name} {'stopped' if st == 'running' else 'was dead; record removed'}")

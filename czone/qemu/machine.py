@@ -344,3 +344,15 @@ def own_qemu_processes(run_dir: Path) -> list[psutil.Process]:
                 and any(needle in a for a in cmd):
             found.append(p)
     return found
+
+
+def kill_strays(run_dir: Path, timeout: float = 5.0) -> int:
+    """SIGKILL QEMU processes left running in ``run_dir``; returns how many there were."""
+    procs = own_qemu_processes(run_dir)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+    return len(procs)
