@@ -102,8 +102,6 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
                       memory_mib=memory_mib, cpus=cpus)
     machine = Machine(spec, ssh_key=image.ssh_key)
     click.echo(f"booting {name} ({accel}: {why}) ...", err=True)
-    # A SIGTERM while booting must still run the cleanup below.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         shutil.rmtree(run_dir, ignore_errors=True)
         machine.launch()
@@ -191,7 +189,8 @@ def vm_down(name: str, timeout: float) -> None:
             raise CZoneError(f"QEMU pid {rec.pid} of VM {name!r} did not exit")
     else:
         # A `vm up` killed mid-launch can leave QEMU running under a dead record.
-        kill_strays(Path(rec.run_dir))
+        if strays := kill_strays(Path(rec.run_dir)):
+            click.echo(f"killed {strays} stray QEMU process(es) of VM {name}")
     db.remove(name)
     shutil.rmtree(rec.run_dir, ignore_errors=True)
     click.echo(f"VM {name} {'stopped' if st == 'running' else 'was dead; record removed'}")
@@ -246,6 +245,8 @@ def doctor(ctx: click.Context, reprobe: bool) -> None:
 
 
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so a half-booted VM or a KVM probe is cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     cli(prog_name="czonectl")
 
 

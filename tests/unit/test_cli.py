@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from click.testing import CliRunner
 
@@ -161,3 +162,26 @@ def test_ssh_connection_failure_is_clean() -> None:
     r = invoke("vm", "ssh", "vm0", "--", "true")
     assert r.exit_code == 1 and r.output.startswith("czonectl: error: ")
     assert "Traceback" not in r.output
+
+
+def test_down_dead_kills_stray_qemu(tmp_path: Path) -> None:
+    """A `vm up` killed mid-launch leaves a dead record and a running QEMU."""
+    run_dir = tmp_path / "run" / "vms" / "gone"
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.symlink_to(sys.executable)
+    stray = subprocess.Popen([str(fake), "-c", "import time; time.sleep(60)",
+                              f"{run_dir}/serial.log"])
+    try:
+        StateDB().reserve(VmRecord(
+            name="gone", state="starting", pid=dead_pid(), proc_start=1.0,
+            qmp_socket=f"{run_dir}/qmp.sock", ssh_port=1, ssh_key="/k", run_dir=str(run_dir),
+            accel="tcg", memory_mib=512, cpus=1, created=1.0))
+        assert stray.poll() is None
+        r = invoke("vm", "down", "gone")
+        assert r.exit_code == 0, r.output
+        assert "killed 1 stray QEMU process" in r.output
+        stray.wait(5)
+        assert not psutil.pid_exists(stray.pid)
+    finally:
+        stray.kill()
+        stray.wait()
