@@ -47,6 +47,7 @@ mkdir -p "$stage/tools"
 make -s -C "$REPO/guest-image/tools" O="$stage/tools" KHDR="$kdir/include" ||
 	die "building the in-guest tools failed"
 find "$stage/tools" -maxdepth 1 -type f -executable -exec install -m 755 -t "$root/usr/local/bin" {} +
+cp -a "$kdir/selftests" "$root/opt/selftests"
 echo "czone-image-$key" > "$root/etc/czone-release"
 echo czone > "$root/etc/hostname"
 

@@ -49,10 +49,20 @@ kmake -j"$JOBS" vmlinux
 kmake -s headers_install INSTALL_HDR_PATH="$obj/usr-headers" >/dev/null
 log "built in $(( $(date +%s) - start )) s"
 
+# Upstream selftests that must stay green, built static from the same tree
+# against its own UAPI headers, run in the guest by tests/vm.
+selftests=(clone3 memory-hotplug)
+rm -rf "$obj/selftests"
+make -s -C "$tree/tools/testing/selftests" TARGETS="${selftests[*]}" \
+	KHDR_INCLUDES="-isystem $obj/usr-headers/include" LDFLAGS=-static \
+	O="$obj/selftests-build" INSTALL_PATH="$obj/selftests" install >/dev/null ||
+	die "building selftests ${selftests[*]} failed"
+
 stage=$CACHE/kernel/.stage-$key
 rm -rf "$stage" && mkdir -p "$stage"
 cp "$obj/vmlinux" "$obj/.config" "$obj/System.map" "$stage/"
 mv "$stage/.config" "$stage/config"
 cp -r "$obj/usr-headers/include" "$stage/include"
+cp -r "$obj/selftests" "$stage/selftests"
 kmake -s kernelrelease > "$stage/release"
 publish "$stage" "$out"

@@ -15,7 +15,7 @@ PKGS=(
 	# guest image
 	debootstrap squashfs-tools dropbear-bin busybox-static openssh-client
 	# static in-guest tools
-	libc6-dev
+	libc6-dev libcap-dev
 )
 
 if [ "$(id -u)" -ne 0 ]; then
