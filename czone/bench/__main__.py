@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from czone.bench import boot, report
+from czone.bench import boot, kernel, report
 from czone.errors import CZoneError
 
-SCENARIOS = {"boot": boot.run}
+SCENARIOS = {"boot": boot.run, "kernel": kernel.run_all}
 
 
 def main(argv: list[str]) -> int:

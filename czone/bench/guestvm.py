@@ -1,0 +1,52 @@
+"""Boot one benchmark guest on our kernel and image and run commands in it."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from czone import accel as accel_mod
+from czone import artifacts
+from czone.errors import CZoneError
+from czone.net import free_port
+from czone.qemu.machine import Machine, spec_for
+from czone.state import run_root
+
+BOOT_TIMEOUT = 120.0
+
+
+@contextmanager
+def booted(name: str, memory_mib: int, extra_append: str = "",
+           **extra: object) -> Iterator[tuple[Machine, str]]:
+    """A booted VM (on the probed accelerator) and the accelerator's name."""
+    kernel, image, qemu = artifacts.kernel(), artifacts.image(), artifacts.qemu_binary()
+    accel, _ = accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs, qemu,
+                                tuple(artifacts.firmware_dirs()), run_root())
+    with tempfile.TemporaryDirectory(prefix=f"czb-{name}-") as d:
+        spec = spec_for(name, Path(d), kernel, image, qemu, accel, free_port(), memory_mib,
+                        extra_append=extra_append, **extra)
+        with Machine(spec, ssh_key=image.ssh_key) as vm:
+            vm.launch()
+            vm.wait_boot(BOOT_TIMEOUT)
+            vm.wait_ssh(BOOT_TIMEOUT).close()
+            yield vm, accel
+
+
+def run(vm: Machine, cmd: str, timeout: float = 1800) -> str:
+    with vm.ssh() as ssh:
+        res = ssh.run(f"{cmd} 2>&1", timeout=timeout)
+    if res.rc:
+        raise CZoneError(f"guest command {cmd!r} failed ({res.rc}):\n{res.stdout}")
+    return res.stdout
+
+
+def samples(out: str, kind: str) -> list[dict[str, int]]:
+    """Parse ``kind key=value ...`` lines printed by czone_bench."""
+    rows = []
+    for line in out.splitlines():
+        if line.startswith(kind + " "):
+            rows.append({k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)})
+    return rows

@@ -1,0 +1,32 @@
+"""Helpers for tests that run our in-guest C test programs over SSH."""
+
+from __future__ import annotations
+
+import re
+
+from czone.qemu.machine import Machine
+
+# Headers of real kernel problems.  Not "Call Trace": expected OOM reports carry one.
+DMESG_BAD = re.compile(
+    r"BUG:|WARNING:|Oops|kernel BUG|general protection|Bad page|bad_page|"
+    r"Huh VM_FAULT_OOM|soft lockup|rcu.*stall|blocked for more than|UBSAN|KASAN")
+
+# A guest with ZONE_MOVABLE memory for CZone chunks to come from.
+CZONE_VM = {"memory_mib": 1536, "extra_append": "movablecore=1024M"}
+
+
+def run_program(vm: Machine, cmd: str, timeout: float = 600) -> str:
+    """Run an in-guest test program; it must exit 0 and print no FAIL line."""
+    with vm.ssh() as ssh:
+        res = ssh.run(f"{cmd} 2>&1", timeout=timeout)
+    out = res.stdout
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert res.rc == 0 and not fails, f"{cmd} exited {res.rc}:\n{out}"
+    return out
+
+
+def assert_dmesg_clean(vm: Machine) -> None:
+    with vm.ssh() as ssh:
+        dmesg = ssh.check("dmesg").stdout
+    bad = [line for line in dmesg.splitlines() if DMESG_BAD.search(line)]
+    assert not bad, "kernel reported problems:\n" + "\n".join(bad)

@@ -1,0 +1,39 @@
+"""The CZone kernel series, exercised in a real guest by our C test programs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.vm.guest import CZONE_VM, assert_dmesg_clean, run_program
+
+pytestmark = pytest.mark.vm
+
+FUZZ_SEED = 20261127
+FUZZ_ITERATIONS = 10_000
+
+
+@pytest.fixture
+def czone_vm(microvm_factory):
+    return microvm_factory.boot("czone", **CZONE_VM)
+
+
+@pytest.mark.parametrize("program", ["czone_place", "czone_errors", "czone_oom",
+                                     "czone_hotplug"])
+def test_in_guest_program(czone_vm, program: str) -> None:
+    run_program(czone_vm, program)
+    assert_dmesg_clean(czone_vm)
+
+
+def test_destroy(czone_vm, record_property) -> None:
+    out = run_program(czone_vm, "czone_destroy")
+    for key, value in re.findall(r"(duration_ns|migrated)=(\d+)", out):
+        record_property(key, int(value))
+    assert_dmesg_clean(czone_vm)
+
+
+def test_fuzz_clone3_and_ioctls(czone_vm) -> None:
+    print(f"czone_fuzz seed {FUZZ_SEED}, {FUZZ_ITERATIONS} iterations")
+    run_program(czone_vm, f"czone_fuzz {FUZZ_ITERATIONS} {FUZZ_SEED}", timeout=1800)
+    assert_dmesg_clean(czone_vm)
