@@ -1,0 +1,130 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * A full CZone: its task is OOM-killed (by its memory cgroup, or directly
+ * when in the root memory cgroup) instead of hanging or spilling into
+ * other memory; failures are counted; GROW lets it go further.
+ *
+ * Needs: /dev/czone; cgroup2 (mounted at /sys/fs/cgroup by the test if
+ * nothing is mounted there).
+ */
+#include "czt.h"
+#include <sys/mount.h>
+
+#define MB (1UL << 20)
+
+/* Child: touch @mb MiB of anonymous memory, exit 0 if it survives */
+static int hog(size_t mb)
+{
+	char *p = mmap(NULL, mb * MB, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p == MAP_FAILED)
+		return 1;
+	madvise(p, mb * MB, MADV_NOHUGEPAGE);
+	czt_touch(p, mb * MB, 1);
+	return 0;
+}
+
+static int run_in(uint64_t id, int cgfd, size_t mb)
+{
+	struct czt_clone_args a;
+	pid_t pid;
+
+	memset(&a, 0, sizeof(a));
+	a.exit_signal = SIGCHLD;
+	a.flags = CLONE_INTO_CZONE;
+	a.czone = id;
+	if (cgfd >= 0) {
+		a.flags |= CLONE_INTO_CGROUP;
+		a.cgroup = cgfd;
+	}
+	pid = czt_clone3(&a, sizeof(a));
+	if (pid < 0)
+		return -errno;
+	if (pid == 0) {
+		alarm(120);
+		_exit(hog(mb));
+	}
+	return czt_wait(pid);
+}
+
+static int cgroup_setup(void)
+{
+	int fd;
+
+	mkdir("/sys/fs/cgroup", 0755);
+	if (access("/sys/fs/cgroup/cgroup.controllers", F_OK))
+		mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, NULL);
+	fd = open("/sys/fs/cgroup/cgroup.subtree_control", O_WRONLY);
+	if (fd >= 0) {
+		write(fd, "+memory", 7);
+		close(fd);
+	}
+	mkdir("/sys/fs/cgroup/czt-oom", 0755);
+	return open("/sys/fs/cgroup/czt-oom", O_RDONLY | O_DIRECTORY);
+}
+
+static long oom_kills(void)
+{
+	char line[128];
+	long n = -1;
+	FILE *f = fopen("/sys/fs/cgroup/czt-oom/memory.events", "r");
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "oom_kill %ld", &n) == 1)
+			break;
+	fclose(f);
+	return n;
+}
+
+int main(void)
+{
+	struct czone_grow g = { .size = sizeof(g) };
+	struct czone_destroy d = { 0 };
+	struct czone_stat st = { 0 };
+	uint64_t id;
+	int ret, cgfd;
+
+	if (czt_create(4 * MB, &id)) {
+		czt_result(0, "create");
+		return czt_exit();
+	}
+
+	ret = run_in(id, -1, 32);
+	CZT_CHECK(ret == 128 + SIGKILL,
+		  "root memcg: 32 MiB in a 4 MiB CZone gets SIGKILL (status %d)",
+		  ret);
+	czt_stat(id, &st);
+	CZT_CHECK(st.alloc_failures > 0 && st.oom_kills > 0 &&
+		  st.nr_chunks <= 2,
+		  "counted: failures=%llu ooms=%llu chunks=%llu",
+		  st.alloc_failures, st.oom_kills, st.nr_chunks);
+
+	cgfd = cgroup_setup();
+	if (cgfd < 0) {
+		czt_result(0, "cgroup2 setup: %s", strerror(errno));
+	} else {
+		ret = run_in(id, cgfd, 32);
+		CZT_CHECK(ret == 128 + SIGKILL,
+			  "memcg: 32 MiB in a 4 MiB CZone gets SIGKILL (status %d)",
+			  ret);
+		CZT_CHECK(oom_kills() >= 1, "memcg memory.events oom_kill=%ld",
+			  oom_kills());
+		close(cgfd);
+		rmdir("/sys/fs/cgroup/czt-oom");
+	}
+
+	g.id = id;
+	g.bytes = 12 * MB;
+	CZT_CHECK(ioctl(czt_dev(), CZONE_IOC_GROW, &g) == 0, "grow to 16 MiB");
+	ret = run_in(id, -1, 10);
+	CZT_CHECK(ret == 0, "10 MiB fit after grow (status %d)", ret);
+
+	ret = czt_destroy(id, &d);
+	CZT_CHECK(ret == 0 && d.failed_pages == 0,
+		  "destroy: %d migrated=%llu chunks=%llu", ret,
+		  d.migrated_pages, d.released_chunks);
+	return czt_exit();
+}

@@ -1,0 +1,262 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Helpers shared by the CZone in-guest tests.
+ *
+ * Build: gcc -static -O2 -Wall -I<kernel headers_install>/include -o X X.c
+ * Every test prints "PASS: ..." / "FAIL: ..." lines and exits non-zero
+ * if anything failed.  Run as root in the guest.
+ */
+#ifndef CZT_H
+#define CZT_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <linux/czone.h>
+
+#ifndef CLONE_INTO_CZONE
+#define CLONE_INTO_CZONE 0x400000000ULL
+#endif
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
+
+/* struct clone_args as of CLONE_ARGS_SIZE_VER3 (96 bytes) */
+struct czt_clone_args {
+	uint64_t flags;
+	uint64_t pidfd;
+	uint64_t child_tid;
+	uint64_t parent_tid;
+	uint64_t exit_signal;
+	uint64_t stack;
+	uint64_t stack_size;
+	uint64_t tls;
+	uint64_t set_tid;
+	uint64_t set_tid_size;
+	uint64_t cgroup;
+	uint64_t czone;
+};
+
+static int czt_failures;
+
+static inline void czt_result(int ok, const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("%s: ", ok ? "PASS" : "FAIL");
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	fflush(stdout);
+	if (!ok)
+		czt_failures++;
+}
+
+/* @cond is evaluated before the message arguments */
+#define CZT_CHECK(cond, ...)					\
+	do {							\
+		int czt_ok_ = !!(cond);				\
+		czt_result(czt_ok_, __VA_ARGS__);		\
+	} while (0)
+
+static inline int czt_exit(void)
+{
+	printf("%s: %d failure(s)\n", czt_failures ? "FAILED" : "OK",
+	       czt_failures);
+	fflush(stdout);
+	return czt_failures ? 1 : 0;
+}
+
+static inline pid_t czt_clone3(struct czt_clone_args *args, size_t size)
+{
+	return syscall(SYS_clone3, args, size);
+}
+
+/* clone3() a child into CZone @id (0: no flag); returns pid, 0 in child */
+static inline pid_t czt_clone_into(uint64_t id)
+{
+	struct czt_clone_args args;
+
+	memset(&args, 0, sizeof(args));
+	args.exit_signal = SIGCHLD;
+	if (id) {
+		args.flags = CLONE_INTO_CZONE;
+		args.czone = id;
+	}
+	return czt_clone3(&args, sizeof(args));
+}
+
+static inline int czt_dev(void)
+{
+	static int fd = -1;
+
+	if (fd < 0)
+		fd = open("/dev/czone", O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		perror("open /dev/czone");
+		exit(2);
+	}
+	return fd;
+}
+
+static inline int czt_create(uint64_t cap, uint64_t *id)
+{
+	struct czone_create a = { .size = sizeof(a), .cap_bytes = cap };
+
+	*id = 0;
+	if (ioctl(czt_dev(), CZONE_IOC_CREATE, &a))
+		return -errno;
+	*id = a.id;
+	return 0;
+}
+
+static inline int czt_destroy(uint64_t id, struct czone_destroy *out)
+{
+	struct czone_destroy a = { .size = sizeof(a), .id = id };
+
+	if (out)
+		memset(out, 0, sizeof(*out));
+	if (ioctl(czt_dev(), CZONE_IOC_DESTROY, &a))
+		return -errno;
+	if (out)
+		*out = a;
+	return 0;
+}
+
+static inline int czt_stat(uint64_t id, struct czone_stat *st)
+{
+	memset(st, 0, sizeof(*st));
+	st->size = sizeof(*st);
+	st->id = id;
+	if (ioctl(czt_dev(), CZONE_IOC_STAT, st))
+		return -errno;
+	return 0;
+}
+
+/* Wait for @pid; returns its exit code, or 128 + signal */
+static inline int czt_wait(pid_t pid)
+{
+	int status;
+
+	if (waitpid(pid, &status, 0) != pid)
+		return -1;
+	if (WIFEXITED(status))
+		return WEXITSTATUS(status);
+	if (WIFSIGNALED(status))
+		return 128 + WTERMSIG(status);
+	return -1;
+}
+
+/* The CZone ID in /proc/<pid>/czone, or -1 */
+static inline long long czt_proc_czone(pid_t pid)
+{
+	char path[64];
+	long long id = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/czone", pid);
+	f = fopen(path, "r");
+	if (!f)
+		return -1;
+	if (fscanf(f, "%lld", &id) != 1)
+		id = -1;
+	fclose(f);
+	return id;
+}
+
+struct czt_range {
+	uint64_t start, end;	/* PFNs, end exclusive */
+};
+
+/* Read the chunk PFN ranges of CZone @id from debugfs */
+static inline int czt_chunks(uint64_t id, struct czt_range *r, int max)
+{
+	char path[96], line[256];
+	int n = 0;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/sys/kernel/debug/czone/%llu/chunks",
+		 (unsigned long long)id);
+	f = fopen(path, "r");
+	if (!f)
+		return -1;
+	while (n < max && fgets(line, sizeof(line), f)) {
+		unsigned long long s, e;
+
+		if (sscanf(line, "%llx-%llx", &s, &e) == 2) {
+			r[n].start = s;
+			r[n].end = e;
+			n++;
+		}
+	}
+	fclose(f);
+	return n;
+}
+
+static inline int czt_in_ranges(uint64_t pfn, const struct czt_range *r,
+				int n)
+{
+	for (int i = 0; i < n; i++)
+		if (pfn >= r[i].start && pfn < r[i].end)
+			return 1;
+	return 0;
+}
+
+/*
+ * Check the resident pages of [addr, addr + len): how many are present,
+ * how many lie inside @in and how many inside @out.
+ */
+static inline int czt_pfn_check(void *addr, size_t len,
+				const struct czt_range *in, int nin,
+				const struct czt_range *out, int nout,
+				long *present, long *inside, long *outside)
+{
+	long psz = sysconf(_SC_PAGESIZE);
+	uint64_t first = (uintptr_t)addr / psz;
+	size_t n = len / psz;
+	int fd = open("/proc/self/pagemap", O_RDONLY);
+
+	*present = *inside = *outside = 0;
+	if (fd < 0)
+		return -1;
+	for (size_t i = 0; i < n; i++) {
+		uint64_t e, pfn;
+
+		if (pread(fd, &e, 8, (first + i) * 8) != 8) {
+			close(fd);
+			return -1;
+		}
+		if (!(e & (1ULL << 63)))
+			continue;
+		pfn = e & ((1ULL << 55) - 1);
+		(*present)++;
+		if (czt_in_ranges(pfn, in, nin))
+			(*inside)++;
+		if (czt_in_ranges(pfn, out, nout))
+			(*outside)++;
+	}
+	close(fd);
+	return 0;
+}
+
+static inline void czt_touch(char *p, size_t len, int seed)
+{
+	for (size_t i = 0; i < len; i += 4096)
+		p[i] = (char)(seed + i / 4096);
+}
+
+#endif /* CZT_H */
