@@ -178,7 +178,8 @@ static int bench_destroy_one(size_t mib, int round)
 	int p[2], n = 0, failed = 0;
 	pid_t pid;
 
-	if (!blk || czt_create(bytes, &id))
+	/* slack for the child's own stack and data pages */
+	if (!blk || czt_create(bytes + 8 * MIB, &id))
 		return 1;
 	if (timed_touch(id, bytes, 0) < 0)
 		return 1;
