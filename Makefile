@@ -27,7 +27,7 @@ demo: all
 	scripts/demo.sh
 
 test: all
-	$(VENV)/bin/pytest -ra tests/unit tests/vm $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra tests/unit tests/device tests/vm $(PYTEST_ARGS)
 
 test-unit: deps
 	$(VENV)/bin/pytest -ra tests/unit $(PYTEST_ARGS)
