@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+from checks import check, finish
 from qemu.qmp import ExecuteError, QMPClient
 
 QEMU = sys.argv[1] if len(sys.argv) > 1 else "/work/qdev-obj/qemu-system-x86_64"
@@ -20,14 +21,6 @@ GiB = 1 << 30
 BASE = ["-M", "q35", "-nodefaults", "-L", "/usr/share/qemu",
         "-L", "/usr/share/seabios", "-accel", "tcg",
         "-m", "512M,maxmem=4G", "-display", "none", "-serial", "none"]
-failures = 0
-
-
-def check(cond, what):
-    global failures
-    print(("PASS " if cond else "FAIL ") + what)
-    if not cond:
-        failures += 1
 
 
 def bad_cmdline(extra, expect, what):
@@ -272,5 +265,4 @@ bad_cmdline(MEMFD + ["-device", "virtio-czone-pci,memdev=cz0,memaddr=0x1000"],
 bad_cmdline(MEMFD + ["-only-migratable",
                      "-device", "virtio-czone-pci,memdev=cz0"],
             "migration", "-only-migratable")
-print("FAILURES:", failures)
-sys.exit(1 if failures else 0)
+finish()

@@ -7,6 +7,8 @@ real requests, including every malformed one.  Each prints PASS/FAIL lines.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +26,18 @@ def test_device_script(script: str) -> None:
         qemu = art.qemu_binary()
     except art.ArtifactMissing as e:
         pytest.fail(str(e), pytrace=False)
-    res = subprocess.run([sys.executable, str(HERE / script), str(qemu)],
-                         capture_output=True, text=True, timeout=300)
-    out = res.stdout + res.stderr
+    # Its own process group: whatever QEMU the script started dies with it.
+    proc = subprocess.Popen([sys.executable, str(HERE / script), str(qemu)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     fails = [line for line in out.splitlines() if line.startswith("FAIL ")]
-    assert res.returncode == 0 and not fails, out
+    assert proc.returncode == 0 and not fails, out
     assert "FAILURES: 0" in out, out

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+from checks import check, finish
 from qemu.qmp import QMPClient
 
 QEMU = sys.argv[1] if len(sys.argv) > 1 else "/work/qdev-obj/qemu-system-x86_64"
@@ -36,14 +37,6 @@ RING = [0x01000000, 0x01100000]   # ring memory in guest RAM, per queue
 BUF = 0x01200000          # request/response buffers
 QSIZE = 16
 
-failures = 0
-
-
-def check(cond, what):
-    global failures
-    print(("PASS " if cond else "FAIL ") + what)
-    if not cond:
-        failures += 1
 
 
 class QTest:
@@ -253,8 +246,7 @@ async def main():
     finally:
         if proc.poll() is None:
             proc.kill()
-    print("FAILURES:", failures)
-    sys.exit(1 if failures else 0)
+    finish()
 
 
 async def run(proc, qsock, msock):
