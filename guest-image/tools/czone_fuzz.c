@@ -81,8 +81,14 @@ static void fuzz_clone(void)
 	a->exit_signal = SIGCHLD;
 	if (rnd() % 16 == 0)
 		a->exit_signal = rnd() % 80;
-	/* glibc's internal signals cannot be ignored */
-	if (a->exit_signal == 32 || a->exit_signal == 33)
+	/*
+	 * glibc's internal signals cannot be ignored; SIGKILL or a stop
+	 * signal would kill or stop the harness
+	 */
+	if (a->exit_signal == 32 || a->exit_signal == 33 ||
+	    a->exit_signal == SIGKILL || a->exit_signal == SIGSTOP ||
+	    a->exit_signal == SIGTSTP ||
+	    a->exit_signal == SIGTTIN || a->exit_signal == SIGTTOU)
 		a->exit_signal = SIGCHLD;
 	if (rnd() % 16 == 0)
 		a->cgroup = rnd() % 8;
@@ -125,8 +131,18 @@ static void fuzz_ioctl(int fd)
 	void *arg = buf;
 	size_t size = pick_size();
 
+	static const size_t sizes[] = {
+		sizeof(struct czone_create), sizeof(struct czone_destroy),
+		sizeof(struct czone_grow), sizeof(struct czone_stat),
+		sizeof(struct czone_list),
+	};
+	unsigned int which = rnd() % 5;
+
 	memset(buf, 0, sizeof(buf));
-	cmd = cmds[rnd() % 5];
+	cmd = cmds[which];
+	/* half of the calls get the right size, to reach the handlers */
+	if (rnd() % 2)
+		size = sizes[which];
 	if (rnd() % 16 == 0)
 		cmd = _IOC(rnd() % 4, CZONE_IOC_MAGIC, rnd() % 16, rnd() % 256);
 	if (rnd() % 32 == 0)

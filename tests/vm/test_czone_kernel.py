@@ -33,6 +33,12 @@ def test_destroy(czone_vm, record_property) -> None:
     assert_dmesg_clean(czone_vm)
 
 
+def test_stress_two_cpus(microvm_factory) -> None:
+    vm = microvm_factory.boot("czone-smp", cpus=2, **CZONE_VM)
+    run_program(vm, "czone_stress 10 4")
+    assert_dmesg_clean(vm)
+
+
 def test_fuzz_clone3_and_ioctls(czone_vm) -> None:
     print(f"czone_fuzz seed {FUZZ_SEED}, {FUZZ_ITERATIONS} iterations")
     run_program(czone_vm, f"czone_fuzz {FUZZ_ITERATIONS} {FUZZ_SEED}", timeout=1800)
