@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Literal
 
 Accel = Literal["kvm", "tcg"]
+# How the VM's memory grows and shrinks.  All three use the same QEMU binary
+# and guest kernel config, so benchmarks compare like with like.
+MemoryMode = Literal["none", "czone", "virtio-mem", "balloon"]
+MEMORY_MODES: tuple[MemoryMode, ...] = ("none", "czone", "virtio-mem", "balloon")
+# QOM ids of the memory devices, as found under /machine/peripheral/.
+MEMORY_DEVICE_ID = {"czone": "czdev0", "virtio-mem": "vmem0", "balloon": "balloon0"}
 
 # Printed by the guest's init once sshd is listening.
 READY_MARKER = "czone-init: ready"
@@ -42,6 +48,11 @@ class VmSpec:
     max_memory_mib: int | None = None
     memory_slots: int = 8
     firmware_dirs: tuple[Path, ...] = ()
+    memory_mode: MemoryMode = "none"
+    # Hot-pluggable memory behind the czone or virtio-mem device.
+    device_memory_mib: int = 0
+    requested_mib: int = 0
+    block_mib: int = 2
 
     def __post_init__(self) -> None:
         if self.memory_mib <= 0 or self.cpus <= 0:
@@ -50,6 +61,15 @@ class VmSpec:
             raise ValueError(f"unknown accelerator {self.accel!r}")
         if self.max_memory_mib is not None and self.max_memory_mib < self.memory_mib:
             raise ValueError("max_memory_mib must be >= memory_mib")
+        if self.memory_mode not in MEMORY_MODES:
+            raise ValueError(f"unknown memory mode {self.memory_mode!r}")
+        if self.memory_mode in ("czone", "virtio-mem"):
+            if self.device_memory_mib <= 0 or self.device_memory_mib % self.block_mib:
+                raise ValueError("device_memory_mib must be a positive multiple of block_mib")
+            if not 0 <= self.requested_mib <= self.device_memory_mib \
+                    or self.requested_mib % self.block_mib:
+                raise ValueError("requested_mib must be a multiple of block_mib "
+                                 "within device_memory_mib")
 
 
 def qmp_socket_path(run_dir: Path) -> Path:
@@ -79,8 +99,21 @@ def machine_args(spec: VmSpec) -> list[str]:
 
 
 def memory_args(spec: VmSpec) -> list[str]:
-    maxmem = spec.max_memory_mib or spec.memory_mib + 4096
+    maxmem = spec.max_memory_mib or spec.memory_mib + max(4096, spec.device_memory_mib)
     return ["-m", f"{spec.memory_mib}M,slots={spec.memory_slots},maxmem={maxmem}M"]
+
+
+def memory_device_args(spec: VmSpec) -> list[str]:
+    mode = spec.memory_mode
+    if mode == "none":
+        return []
+    dev_id = MEMORY_DEVICE_ID[mode]
+    if mode == "balloon":
+        return ["-device", f"virtio-balloon-pci,id={dev_id},free-page-reporting=on"]
+    device = "virtio-czone-pci" if mode == "czone" else "virtio-mem-pci"
+    return ["-object", f"memory-backend-memfd,id=mem-{dev_id},size={spec.device_memory_mib}M",
+            "-device", f"{device},id={dev_id},memdev=mem-{dev_id},"
+                       f"block-size={spec.block_mib}M,requested-size={spec.requested_mib}M"]
 
 
 def firmware_args(spec: VmSpec) -> list[str]:
@@ -124,6 +157,7 @@ def build_argv(spec: VmSpec) -> list[str]:
         *firmware_args(spec),
         *machine_args(spec),
         *memory_args(spec),
+        *memory_device_args(spec),
         *kernel_args(spec),
         *rootfs_args(spec),
         *net_args(spec),

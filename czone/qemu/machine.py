@@ -9,7 +9,6 @@ different process than the ``vm up`` that started QEMU, so everything
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import QMPError
 
 from czone.artifacts import Image, Kernel, firmware_dirs
 from czone.errors import CZoneError
@@ -32,6 +31,7 @@ from czone.qemu.cmdline import (
     qmp_socket_path,
     serial_log_path,
 )
+from czone.qemu.qmp import QmpSession
 from czone.state import live_process
 
 TAIL_LINES = 25
@@ -63,35 +63,6 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
     except OSError:
         return ""
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
-
-
-class QmpSession:
-    """Synchronous wrapper around ``qemu.qmp.QMPClient`` with its own event loop."""
-
-    def __init__(self, socket_path: Path, name: str = "czone"):
-        self.socket_path = socket_path
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient(name)
-
-    def _run(self, coro: Any, timeout: float | None) -> Any:
-        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
-
-    def connect(self, timeout: float = 5.0) -> None:
-        self._run(self._client.connect(str(self.socket_path)), timeout)
-
-    def execute(self, cmd: str, args: dict[str, Any] | None = None,
-                timeout: float | None = 30.0) -> Any:
-        return self._run(self._client.execute(cmd, args or None), timeout)
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            self._run(self._client.disconnect(), 5.0)
-        except (TimeoutError, QMPError, OSError, EOFError):
-            pass
-        finally:
-            self._loop.close()
 
 
 class Machine:
@@ -271,6 +242,10 @@ class Machine:
             return session.execute(cmd, args, self.qmp_timeout)
         except QMPError as e:
             raise QmpCommandError(f"QMP {cmd} failed: {e}") from e
+
+    def wait_event(self, name: str, timeout: float, **match: Any) -> dict[str, Any]:
+        """The next QMP event ``name`` whose data has every ``match`` item."""
+        return self._ensure_qmp().wait_event(name, timeout, match)
 
     def _close_qmp(self) -> None:
         if self._qmp is not None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from czone.qemu.cmdline import BASE_APPEND, VmSpec, build_argv
+from czone.qemu.cmdline import BASE_APPEND, MEMORY_DEVICE_ID, VmSpec, build_argv
 
 SPEC = VmSpec(name="vm0", memory_mib=512, cpus=2, kernel=Path("/k/vmlinux"),
               rootfs=Path("/i/rootfs.squashfs"), qemu=Path("/q/qemu-system-x86_64"),
@@ -80,3 +80,35 @@ def test_pure() -> None:
 def test_invalid_spec(change: dict) -> None:
     with pytest.raises(ValueError):
         replace(SPEC, **change)
+
+
+def test_no_memory_device_by_default():
+    argv = build_argv(SPEC)
+    assert not any("virtio-mem" in a or "virtio-czone" in a or "balloon" in a for a in argv)
+
+
+@pytest.mark.parametrize("mode,device", [("czone", "virtio-czone-pci"),
+                                         ("virtio-mem", "virtio-mem-pci")])
+def test_hotplug_memory_modes(mode, device):
+    spec = replace(SPEC, memory_mode=mode, device_memory_mib=1024, requested_mib=256)
+    argv = build_argv(spec)
+    dev_id = MEMORY_DEVICE_ID[mode]
+    assert f"memory-backend-memfd,id=mem-{dev_id},size=1024M" in argv
+    assert (f"{device},id={dev_id},memdev=mem-{dev_id},block-size=2M,"
+            "requested-size=256M") in argv
+    assert "512M,slots=8,maxmem=4608M" in argv
+
+
+def test_balloon_mode_reports_free_pages():
+    argv = build_argv(replace(SPEC, memory_mode="balloon"))
+    assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in argv
+
+
+@pytest.mark.parametrize("kw", [{"memory_mode": "bogus"},
+                                {"memory_mode": "czone", "device_memory_mib": 0},
+                                {"memory_mode": "virtio-mem", "device_memory_mib": 1023},
+                                {"memory_mode": "czone", "device_memory_mib": 64,
+                                 "requested_mib": 128}])
+def test_bad_memory_mode_args(kw):
+    with pytest.raises(ValueError):
+        replace(SPEC, **kw)
