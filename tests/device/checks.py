@@ -1,4 +1,4 @@
-"""PASS/FAIL lines for the standalone device scripts, and their exit status."""
+"""Shared by the standalone device scripts: PASS/FAIL lines, exit status, QEMU stop."""
 
 import sys
 
@@ -15,3 +15,13 @@ def check(cond, what):
 def finish():
     print("FAILURES:", _failures)
     sys.exit(1 if _failures else 0)
+
+
+async def stop(proc, qmp):
+    """QMP quit, then wait for the QEMU process."""
+    try:
+        await qmp.execute("quit")
+        await qmp.disconnect()
+    except EOFError:
+        pass
+    proc.wait(timeout=30)

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from checks import check, finish
+from checks import check, finish, stop
 from qemu.qmp import ExecuteError, QMPClient
 
 QEMU = sys.argv[1] if len(sys.argv) > 1 else "/work/qdev-obj/qemu-system-x86_64"
@@ -153,15 +153,6 @@ async def start(extra):
     qmp = QMPClient("qdev")
     await qmp.connect(sock)
     return proc, qmp
-
-
-async def stop(proc, qmp):
-    try:
-        await qmp.execute("quit")
-        await qmp.disconnect()
-    except EOFError:
-        pass
-    proc.wait(timeout=30)
 
 
 async def backend_checks():

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from checks import check, finish
+from checks import check, finish, stop
 from qemu.qmp import QMPClient
 
 QEMU = sys.argv[1] if len(sys.argv) > 1 else "/work/qdev-obj/qemu-system-x86_64"
@@ -452,12 +452,7 @@ async def run(proc, qsock, msock):
     check(qt.memread(base, 16) == bytes(16), "memory zeroed after reset")
     check(await qget("stats") == [], "stats cleared after reset")
     check(proc.poll() is None, "QEMU still running")
-    try:
-        await qmp.execute("quit")
-        await qmp.disconnect()
-    except EOFError:
-        pass
-    proc.wait(timeout=30)
+    await stop(proc, qmp)
 
 
 asyncio.run(main())
