@@ -15,36 +15,25 @@ static void test_busy_and_zombie(void)
 {
 	struct czone_destroy d = { 0 };
 	struct czone_stat st = { 0 };
-	int go[2], ready[2];
 	siginfo_t si;
+	int go;
 	uint64_t id;
 	pid_t pid;
-	char c;
 
 	if (czt_create(16 * MB, &id)) {
 		czt_result(0, "create");
 		return;
 	}
-	if (pipe(go) || pipe(ready))
+	pid = czt_holder(id, 4 * MB, 1, &go);
+	if (pid < 0)
 		exit(2);
-	pid = czt_clone_into(id);
-	if (pid == 0) {
-		char *p = mmap(NULL, 4 * MB, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-		czt_touch(p, 4 * MB, 1);
-		write(ready[1], "r", 1);
-		read(go[0], &c, 1);
-		_exit(0);
-	}
-	read(ready[0], &c, 1);
 	CZT_CHECK(czt_stat(id, &st) == 0 && st.nr_tasks == 1 &&
 		  st.used_pages >= 1024,
 		  "stat with a live task: tasks=%llu used=%llu", st.nr_tasks,
 		  st.used_pages);
 	CZT_CHECK(czt_destroy(id, NULL) == -EBUSY, "destroy with live task: EBUSY");
 
-	write(go[1], "g", 1);
+	write(go, "g", 1);
 	/* wait for the exit, but leave a zombie */
 	memset(&si, 0, sizeof(si));
 	waitid(P_PID, pid, &si, WEXITED | WNOWAIT);
@@ -59,10 +48,7 @@ static void test_busy_and_zombie(void)
 		  d.migrated_pages, d.released_chunks, d.duration_ns);
 	CZT_CHECK(czt_wait(pid) == 0, "zombie reaped");
 	CZT_CHECK(czt_destroy(id, NULL) == -ENOENT, "destroy again: ENOENT");
-	close(go[0]);
-	close(go[1]);
-	close(ready[0]);
-	close(ready[1]);
+	close(go);
 }
 
 static void test_leftover_tmpfs(const char *tmpdir)

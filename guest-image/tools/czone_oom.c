@@ -64,21 +64,6 @@ static int cgroup_setup(void)
 	return open("/sys/fs/cgroup/czt-oom", O_RDONLY | O_DIRECTORY);
 }
 
-static long oom_kills(void)
-{
-	char line[128];
-	long n = -1;
-	FILE *f = fopen("/sys/fs/cgroup/czt-oom/memory.events", "r");
-
-	if (!f)
-		return -1;
-	while (fgets(line, sizeof(line), f))
-		if (sscanf(line, "oom_kill %ld", &n) == 1)
-			break;
-	fclose(f);
-	return n;
-}
-
 int main(void)
 {
 	struct czone_grow g = { .size = sizeof(g) };
@@ -110,8 +95,8 @@ int main(void)
 		CZT_CHECK(ret == 128 + SIGKILL,
 			  "memcg: 32 MiB in a 4 MiB CZone gets SIGKILL (status %d)",
 			  ret);
-		CZT_CHECK(oom_kills() >= 1, "memcg memory.events oom_kill=%ld",
-			  oom_kills());
+		CZT_CHECK(czt_file_value("/sys/fs/cgroup/czt-oom/memory.events", "oom_kill ") >= 1, "memcg memory.events oom_kill=%ld",
+			  czt_file_value("/sys/fs/cgroup/czt-oom/memory.events", "oom_kill "));
 		close(cgfd);
 		rmdir("/sys/fs/cgroup/czt-oom");
 	}

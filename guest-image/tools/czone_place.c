@@ -35,21 +35,6 @@ static void check_region(const char *what, void *p, size_t len)
 		  what, present, inside, outside);
 }
 
-static long anon_huge_kb(void)
-{
-	char line[256];
-	long kb = 0;
-	FILE *f = fopen("/proc/self/smaps_rollup", "r");
-
-	if (!f)
-		return -1;
-	while (fgets(line, sizeof(line), f))
-		if (sscanf(line, "AnonHugePages: %ld", &kb) == 1)
-			break;
-	fclose(f);
-	return kb;
-}
-
 /*
  * Small guests (< 512 MiB) boot with THP "never": allow madvise.  A CZone
  * grows for a THP only if the THP fault may block (defrag).
@@ -119,8 +104,8 @@ static int child_a(uint64_t a, uint64_t b, const char *tmpdir)
 	check_region("THP", thp, thp_len);
 	check_region("tmpfs", file, 4 * MB);
 	check_region("memfd", mfd, 2 * MB);
-	CZT_CHECK(anon_huge_kb() >= 2048, "THP: AnonHugePages %ld kB",
-		  anon_huge_kb());
+	CZT_CHECK(czt_file_value("/proc/self/smaps_rollup", "AnonHugePages:") >= 2048, "THP: AnonHugePages %ld kB",
+		  czt_file_value("/proc/self/smaps_rollup", "AnonHugePages:"));
 
 	pid = fork();
 	if (pid == 0) {
@@ -149,11 +134,11 @@ static int child_a(uint64_t a, uint64_t b, const char *tmpdir)
 int main(int argc, char **argv)
 {
 	const char *tmpdir = getenv("CZT_TMP") ?: "/tmp";
-	int go[2], ready[2], ret;
+	int go, ret;
 	struct czone_destroy d = { 0 };
 	struct czone_stat st = { 0 };
 	uint64_t a, b;
-	char path[256], c;
+	char path[256];
 	pid_t pb, pa;
 
 	thp_madvise("/sys/kernel/mm/transparent_hugepage/enabled");
@@ -166,22 +151,10 @@ int main(int argc, char **argv)
 		   (unsigned long long)b);
 
 	/* B gets a chunk from a task that waits */
-	if (pipe(go) || pipe(ready))
-		return 2;
-	pb = czt_clone_into(b);
-	if (pb == 0) {
-		char *p = mmap(NULL, 4 * MB, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-		czt_touch(p, 4 * MB, 7);
-		write(ready[1], "r", 1);
-		read(go[0], &c, 1);
-		_exit(0);
-	}
+	pb = czt_holder(b, 4 * MB, 7, &go);
 	CZT_CHECK(pb > 0, "clone3 into B: %s", pb < 0 ? strerror(errno) : "ok");
 	if (pb < 0)
 		return czt_exit();
-	read(ready[0], &c, 1);
 	CZT_CHECK(czt_proc_czone(pb) == (long long)b,
 		  "/proc/%d/czone shows B", pb);
 
@@ -203,7 +176,7 @@ int main(int argc, char **argv)
 		  st.host_backed_pages, st.alloc_failures);
 
 	CZT_CHECK(czt_destroy(b, NULL) == -EBUSY, "destroy B with a live task: EBUSY");
-	write(go[1], "g", 1);
+	write(go, "g", 1);
 	czt_wait(pb);
 
 	ret = czt_destroy(a, &d);

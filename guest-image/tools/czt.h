@@ -259,4 +259,55 @@ static inline void czt_touch(char *p, size_t len, int seed)
 		p[i] = (char)(seed + i / 4096);
 }
 
+/*
+ * Clone a task into CZone @id that touches @bytes of anonymous memory and
+ * then waits until a byte is written to *@go.  Returns once the memory is
+ * touched: the child's pid, or -1.
+ */
+static inline pid_t czt_holder(uint64_t id, size_t bytes, int seed, int *go)
+{
+	int g[2], ready[2];
+	pid_t pid;
+	char c;
+
+	if (pipe(g) || pipe(ready))
+		return -1;
+	pid = czt_clone_into(id);
+	if (pid == 0) {
+		char *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		if (p == MAP_FAILED)
+			_exit(2);
+		czt_touch(p, bytes, seed);
+		write(ready[1], "r", 1);
+		read(g[0], &c, 1);
+		_exit(0);
+	}
+	close(g[0]);
+	close(ready[1]);
+	if (pid > 0)
+		read(ready[0], &c, 1);
+	close(ready[0]);
+	*go = g[1];
+	return pid;
+}
+
+/* The number after @key (e.g. "oom_kill ") in a "key value" file, or -1 */
+static inline long czt_file_value(const char *path, const char *key)
+{
+	char line[256];
+	size_t n = strlen(key);
+	long v = -1;
+	FILE *f = fopen(path, "r");
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (!strncmp(line, key, n) && sscanf(line + n, "%ld", &v) == 1)
+			break;
+	fclose(f);
+	return v;
+}
+
 #endif /* CZT_H */
