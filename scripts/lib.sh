@@ -48,6 +48,12 @@ git_tree_init() {
 	git -C "$tree" tag upstream
 }
 
+# The patch IDs of a series' files, one per line.
+series_patch_ids() {
+	local tree=$1; shift
+	[ $# -gt 0 ] && cat "$@" | git -C "$tree" patch-id --stable | cut -d' ' -f1
+}
+
 # Reset the tree's "czone" branch to upstream and git-am the series in $2
 # (numbered *.patch files, applied in name order).  Work that exists only
 # in the tree is kept on a backup branch, never thrown away.
@@ -57,12 +63,20 @@ git_tree_apply() {
 		git -C "$tree" stash push -q -m "czone-build $(date +%s)"
 		log "stashed uncommitted edits in $tree (git stash list)"
 	fi
+	mapfile -t patches < <(find "$series" -maxdepth 1 -name '*.patch' | sort)
+	# The branch already carries this code: keep its files (and their
+	# mtimes), so that the build stays incremental.
+	if [ "$(git -C "$tree" rev-parse -q --abbrev-ref HEAD)" = czone ] &&
+	   [ "$(series_patch_ids "$tree" "${patches[@]}")" = \
+	     "$(git -C "$tree" format-patch -q --stdout upstream..czone | git -C "$tree" patch-id --stable | cut -d' ' -f1)" ]; then
+		log "$tree already carries ${series#"$REPO"/}"
+		return 0
+	fi
 	if git -C "$tree" rev-parse -q --verify czone >/dev/null &&
 	   [ "$(git -C "$tree" rev-parse czone)" != "$(git -C "$tree" rev-parse upstream)" ]; then
 		git -C "$tree" branch -f "czone-backup" czone
 	fi
 	git -C "$tree" checkout -q -B czone upstream
-	mapfile -t patches < <(find "$series" -maxdepth 1 -name '*.patch' | sort)
 	if [ ${#patches[@]} -gt 0 ]; then
 		log "applying ${#patches[@]} patches from ${series#"$REPO"/}"
 		git -C "$tree" am -q --committer-date-is-author-date "${patches[@]}" ||
