@@ -37,6 +37,10 @@ INPUTS: dict[str, tuple[tuple[str, ...], str | None, str]] = {
 # The image's in-guest tools compile against the kernel's UAPI headers.
 DEPENDS: dict[str, tuple[str, ...]] = {"image": ("kernel",)}
 
+# The device protocol is defined once, by the kernel series; QEMU imports it.
+SHARED_HEADER = "include/uapi/linux/virtio_czone.h"
+KERNEL_SERIES = "kernel-patches/6.12.x"
+
 
 class ArtifactMissing(CZoneError):
     def __init__(self, name: str, path: Path):
@@ -80,7 +84,25 @@ def input_key(name: str, root: Path = REPO) -> str:
         h.update(f"{deb}={_deb_version(deb)}".encode())
     for dep in DEPENDS.get(name, ()):
         h.update(f"{dep}={input_key(dep, root)}".encode())
+    if name == "qemu":
+        h.update(shared_header(root).encode())
     return h.hexdigest()[:12]
+
+
+def shared_header(root: Path = REPO) -> str:
+    """The text of SHARED_HEADER as the kernel series creates it."""
+    marker = f"+++ b/{SHARED_HEADER}"
+    for patch in sorted((root / KERNEL_SERIES).glob("*.patch")):
+        lines = patch.read_text().splitlines()
+        if marker not in lines:
+            continue
+        out = []
+        for line in lines[lines.index(marker) + 2:]:
+            if not line.startswith("+"):
+                break
+            out.append(line[1:])
+        return "\n".join(out) + "\n"
+    raise CZoneError(f"no patch in {KERNEL_SERIES} creates {SHARED_HEADER}")
 
 
 def artifact_dir(name: str) -> Path:
@@ -143,7 +165,10 @@ def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[1] == "dir" and argv[2] in INPUTS:
         print(artifact_dir(argv[2]))
         return 0
-    print(f"usage: {argv[0]} key|dir {'|'.join(INPUTS)}", file=sys.stderr)
+    if len(argv) == 2 and argv[1] == "shared-header":
+        sys.stdout.write(shared_header())
+        return 0
+    print(f"usage: {argv[0]} key|dir {'|'.join(INPUTS)} | shared-header", file=sys.stderr)
     return 2
 
 

@@ -27,6 +27,7 @@ if [ ! -d "$tree/.git" ]; then
 	mv "$tree.tmp" "$tree"
 fi
 git_tree_apply "$tree" "$REPO/qemu-device"
+qemu_import_header "$tree"
 
 # Debian's tarball drops the edk2 firmware blobs; never try to unpack them.
 opts=(

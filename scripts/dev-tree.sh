@@ -17,6 +17,7 @@ esac
 case $action in
 apply)
 	git_tree_apply "$tree" "$series"
+	[ "$what" = qemu ] && qemu_import_header "$tree"
 	echo "$tree"
 	;;
 export)

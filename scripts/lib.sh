@@ -97,3 +97,21 @@ qemu_tree() {
 		die "qemu-system-data is not installed; run 'make deps'"
 	echo "$CACHE/src/qemu-${v#*:}"
 }
+
+# Import the kernel series' virtio_czone.h into a QEMU tree the way QEMU's
+# scripts/update-linux-headers.sh imports Linux headers (its cp_portable).
+qemu_import_header() {
+	local tree=$1 tmp
+	tmp=$(mktemp -d)
+	python3 "$REPO/czone/artifacts.py" shared-header > "$tmp/virtio_czone.h" ||
+		die "cannot extract virtio_czone.h from the kernel series"
+	eval "$(sed -n '/^cp_portable()/,/^}/p' "$tree/scripts/update-linux-headers.sh")"
+	mkdir "$tmp/out"
+	cp_portable "$tmp/virtio_czone.h" "$tmp/out"
+	# an unchanged header keeps its mtime: ninja stays incremental
+	cmp -s "$tmp/out/virtio_czone.h" "$tree/include/standard-headers/linux/virtio_czone.h" ||
+		cp "$tmp/out/virtio_czone.h" "$tree/include/standard-headers/linux/"
+	rm -rf "$tmp"
+	grep -qx 'include/standard-headers/linux/virtio_czone.h' "$tree/.git/info/exclude" 2>/dev/null ||
+		echo 'include/standard-headers/linux/virtio_czone.h' >> "$tree/.git/info/exclude"
+}
