@@ -164,6 +164,29 @@ class SSHClient:
             chan.close()
         return Result(rc, out.decode(errors="replace"), err.decode(errors="replace"))
 
+    def session(self, cmd: str) -> paramiko.Channel:
+        """Start ``cmd`` on a channel of its own, for a conversation over stdin/stdout."""
+        try:
+            chan = self._transport().open_session(timeout=10.0)
+            chan.exec_command(cmd)
+        except NET_ERRORS as e:
+            self.close()
+            raise SshError(f"SSH session to {self.host}:{self.port} could not start "
+                           f"{cmd!r}: {type(e).__name__}: {e}") from e
+        return chan
+
+    def put(self, data: bytes, path: str, mode: str = "0755") -> None:
+        """Write ``data`` to ``path`` in the guest (the image has no SFTP server)."""
+        chan = self.session(f"cat > {path} && chmod {mode} {path}")
+        try:
+            chan.sendall(data)
+            chan.shutdown_write()
+            rc = chan.recv_exit_status()
+        finally:
+            chan.close()
+        if rc != 0:
+            raise GuestCommandError(f"write {path}", Result(rc, "", ""))
+
     def check(self, cmd: str, timeout: float | None = 60.0) -> Result:
         result = self.run(cmd, timeout)
         if result.rc != 0:

@@ -1,0 +1,109 @@
+"""The host's view of a VM's memory: the QEMU process's RSS and PSS.
+
+Memory assertions and benchmarks read these, never the guest's own counters.
+RSS comes from /proc/PID/statm (cheap enough to sample every few ms), PSS
+from /proc/PID/smaps_rollup.  Values settle over time after the guest gives
+memory back, so callers sample until the value is stable instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from czone.errors import CZoneError
+
+MiB = 1 << 20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class NotStable(CZoneError, TimeoutError):
+    pass
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def pss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise CZoneError(f"no Pss line in /proc/{pid}/smaps_rollup")
+
+
+@dataclass(frozen=True)
+class Settled:
+    value: int
+    at: float          # time.monotonic() of the last move beyond the tolerance
+    samples: int
+
+
+def settle(read: Callable[[], int], timeout: float = 60.0, quiet: float = 1.0,
+           tolerance: int = 2 * MiB, interval: float = 0.02) -> Settled:
+    """Sample ``read()`` until it stays within ``tolerance`` for ``quiet`` seconds."""
+    start = time.monotonic()
+    ref, moved, n = read(), start, 1
+    recent = [ref]
+    while True:
+        time.sleep(interval)
+        value, now = read(), time.monotonic()
+        n += 1
+        recent = (recent + [value])[-10:]
+        if abs(value - ref) > tolerance:
+            ref, moved = value, now
+        elif now - moved >= quiet:
+            return Settled(value, moved, n)
+        if now - start > timeout:
+            raise NotStable(f"value still moving after {timeout:.0f}s: last samples "
+                            f"{[v // MiB for v in recent]} MiB")
+
+
+class RssWatch:
+    """Sample RSS in a thread while something happens; find when it stopped moving.
+
+    ``with RssWatch(pid) as w: t0 = time.monotonic(); do()`` then
+    ``w.finish(t0)`` returns (bytes before, bytes after, seconds from t0 until
+    RSS last moved by more than the tolerance).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.002, tolerance: int = MiB):
+        self.pid, self.interval, self.tolerance = pid, interval, tolerance
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), rss_bytes(self.pid)))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RssWatch:
+        self.before = settle(lambda: rss_bytes(self.pid)).value
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def finish(self, t0: float, quiet: float = 1.0,
+               timeout: float = 120.0) -> tuple[int, int, float]:
+        """Wait until RSS is stable, stop sampling, and analyse the samples."""
+        settle(lambda: rss_bytes(self.pid), timeout=timeout, quiet=quiet,
+               tolerance=self.tolerance)
+        self._stop.set()
+        self._thread.join()
+        tail = [v for t, v in self.samples if t >= self.samples[-1][0] - quiet / 2]
+        after = int(statistics.median(tail))
+        settled_at = t0
+        for (t, v), (t_next, _) in zip(self.samples, self.samples[1:], strict=False):
+            if t >= t0 and abs(v - after) > self.tolerance:
+                settled_at = t_next
+        return self.before, after, max(0.0, settled_at - t0)

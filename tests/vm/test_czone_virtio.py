@@ -1,0 +1,222 @@
+"""czone-virtio end to end: a guest with the virtio-czone driver, judged by the host.
+
+Every memory figure is the QEMU process's RSS (and PSS), sampled until it
+is stable (czone.hostmem.settle), never after a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from czone import hostmem
+from czone.guest.agent import AgentError, GuestAgent
+from czone.qemu import qmp
+from czone.qemu.machine import Machine
+
+from .guest import assert_dmesg_clean
+
+pytestmark = pytest.mark.vm
+MiB = hostmem.MiB
+DEV = "czdev0"
+# No movablecore: every CZone chunk comes from the device.
+CZONE_VIRTIO_VM = {"memory_mib": 768, "memory_mode": "czone",
+                   "device_memory_mib": 1024, "requested_mib": 1024}
+
+
+def rss(vm: Machine) -> int:
+    return hostmem.settle(lambda: hostmem.rss_bytes(vm.pid), timeout=120).value
+
+
+def pss(vm: Machine) -> int:
+    return hostmem.settle(lambda: hostmem.pss_bytes(vm.pid), timeout=120).value
+
+
+def state(vm: Machine) -> dict[str, str]:
+    with vm.ssh() as ssh:
+        out = ssh.check("cat /sys/kernel/debug/virtio_czone/*/state").stdout
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def meminfo_kib(vm: Machine, key: str) -> int:
+    with vm.ssh() as ssh:
+        return int(ssh.check(f"awk '/^{key}:/ {{print $2}}' /proc/meminfo").stdout)
+
+
+@pytest.fixture
+def czvm(microvm_factory) -> Machine:
+    return microvm_factory.boot("czv", **CZONE_VIRTIO_VM)
+
+
+@pytest.fixture
+def agent(czvm: Machine):
+    ssh = czvm.ssh()
+    with GuestAgent(ssh) as ag:
+        yield ag
+    ssh.close()
+
+
+def test_create_touch_destroy_returns_rss(czvm: Machine, agent: GuestAgent) -> None:
+    before, before_pss = rss(czvm), pss(czvm)
+    cz = agent.create(256)
+    agent.spawn("c", cz, 256)
+    assert agent.touch("c", 200) == 200 * 1024
+
+    grown = rss(czvm) - before
+    assert 190 * MiB <= grown <= 230 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
+    assert pss(czvm) - before_pss >= 190 * MiB
+    assert qmp.device_size(czvm, DEV) >= 200 * MiB
+
+    agent.kill("c")
+    res = agent.destroy(cz)
+    assert res["migrated"] == 0 and res["failed"] == 0
+    after = rss(czvm)
+    assert abs(after - before) <= 0.05 * before, \
+        f"RSS {before / MiB:.0f} -> {after / MiB:.0f} MiB after destroy"
+    assert abs(pss(czvm) - before_pss) <= 0.05 * before_pss
+    assert qmp.wait_size(czvm, DEV, 0, timeout=60) == 0
+    assert_dmesg_clean(czvm)
+
+
+def test_idle_reclaim_returns_the_free_half_only(czvm: Machine, agent: GuestAgent) -> None:
+    cz = agent.create(256)
+    agent.spawn("idle", cz, 256, thp=False)
+    agent.touch("idle", 200)
+    pages = agent.verify("idle")
+    touched = rss(czvm)
+
+    # Every other 64 KiB: the free half is scattered among used pages.
+    assert agent.punch("idle", 64) == 100 * 1024
+    assert rss(czvm) >= touched - 4 * MiB, "the guest's free alone must not move RSS"
+
+    res = agent.reclaim(cz)
+    assert res["failed"] == 0
+    assert res["discarded"] * 4096 >= 99 * MiB
+    dropped = touched - rss(czvm)
+    assert 95 * MiB <= dropped <= 105 * MiB, f"RSS fell by {dropped / MiB:.0f} MiB"
+    assert agent.verify("idle") == pages
+
+    # The flag makes a second pass a no-op: nothing is returned twice.
+    again = agent.reclaim(cz)
+    assert again["discarded"] == 0 and again["released"] == 0
+    st = agent.stat(cz)
+    assert st["backed"] == st["used"]
+    assert_dmesg_clean(czvm)
+
+
+def test_churn_leaves_rss_and_memtotal_flat(czvm: Machine, agent: GuestAgent) -> None:
+    before, total = rss(czvm), meminfo_kib(czvm, "MemTotal")
+    for i in range(50):
+        cz = agent.create(64)
+        agent.spawn(f"c{i}", cz, 64)
+        agent.touch(f"c{i}", 32)
+        agent.kill(f"c{i}")
+        assert agent.destroy(cz)["failed"] == 0
+    after = rss(czvm)
+    assert abs(after - before) <= 0.05 * before, \
+        f"RSS {before / MiB:.0f} -> {after / MiB:.0f} MiB after 50 cycles"
+    assert meminfo_kib(czvm, "MemTotal") == total
+    st = state(czvm)
+    assert st["plugs"] == st["unplugs"]
+    assert int(st["plugged_bytes"]) == 0 and int(st["failures"]) == 0
+    assert_dmesg_clean(czvm)
+
+
+def hook(vm: Machine, req: str) -> tuple[int, str]:
+    """Send one raw request through debugfs: (write status, device response)."""
+    with vm.ssh() as ssh:
+        res = ssh.run(f"d=$(echo /sys/kernel/debug/virtio_czone/*); echo '{req}' > $d/request "
+                      f"&& cat $d/request")
+    return res.rc, (res.stdout.strip() or res.stderr.strip())
+
+
+def first_chunk(vm: Machine, cz: int) -> int:
+    """Guest-physical address of a chunk of CZone ``cz``."""
+    with vm.ssh() as ssh:
+        line = ssh.check(f"head -1 /sys/kernel/debug/czone/{cz}/chunks").stdout
+    return int(line.split("-")[0], 16) * 4096
+
+
+def test_malformed_requests_get_errors(czvm: Machine, agent: GuestAgent) -> None:
+    start, size = (int(x, 16) for x in state(czvm)["region"].split())
+    block = 2 * MiB
+    live = agent.create(64)
+    agent.spawn("live", live, 64)
+    agent.touch("live", 48)
+    pages = agent.verify("live")
+
+    # A block that was plugged and is unplugged again.
+    gone = agent.create(16)
+    agent.spawn("gone", gone, 16)
+    agent.touch("gone", 8)
+    unplugged = first_chunk(czvm, gone)
+    agent.kill("gone")
+    agent.destroy(gone)
+
+    bad = {
+        "misaligned unplug": f"1 {start + 4096} {block}",
+        "misaligned size": f"1 {start} {block + 4096}",
+        "out of range (below)": f"1 {start - block} {block}",
+        "out of range (above)": f"1 {start + size} {block}",
+        "overflowing range": f"4 {start} {(1 << 64) - 4096}",
+        "unknown type": f"9 {start} {block}",
+        "discard of unplugged memory": f"3 {unplugged} 4096",
+        "double unplug": f"1 {unplugged} {block}",
+        "state of a range past the end": f"4 {start + size - block} {2 * block}",
+    }
+    for what, req in bad.items():
+        rc, resp = hook(czvm, req)
+        assert rc == 0 and resp == "ERROR", f"{what}: {req} -> rc {rc} {resp!r}"
+        assert czvm.qmp("query-status")["status"] == "running"
+
+    # The hook never lets a request reach plugged memory.
+    for req in (f"1 {start} {size}", "2 0 0", f"0 {unplugged} {block}"):
+        rc, _ = hook(czvm, req)
+        assert rc != 0, f"the hook sent {req}"
+
+    assert agent.verify("live") == pages
+    assert state(czvm)["broken"] == "0"
+    cz = agent.create(16)
+    agent.spawn("after", cz, 16)
+    agent.touch("after", 8)
+    assert agent.verify("after") == 2048
+    assert_dmesg_clean(czvm)
+
+
+def test_requested_size_shrink_takes_free_chunks_first(czvm: Machine,
+                                                       agent: GuestAgent) -> None:
+    busy, idle = agent.create(64), agent.create(64)
+    agent.spawn("busy", busy, 64)
+    agent.touch("busy", 32)
+    agent.spawn("idle", idle, 64)
+    agent.touch("idle", 32)
+    agent.free("idle", 32)
+    plugged = qmp.device_size(czvm, DEV)
+    assert plugged >= 64 * MiB
+    before = rss(czvm)
+
+    qmp.set_requested_size(czvm, DEV, 32 * MiB)
+    size = qmp.wait_size(czvm, DEV, 32 * MiB, timeout=60)
+    assert size == 32 * MiB
+    assert before - rss(czvm) >= 30 * MiB
+    assert agent.verify("busy") == 32 * 256
+
+    # What CZones use cannot go: the driver keeps it and says how much.
+    qmp.set_requested_size(czvm, DEV, 0)
+    with czvm.ssh() as ssh:
+        ssh.check("for i in $(seq 100); do grep -q '^shortfall_bytes [1-9]' "
+                  "/sys/kernel/debug/virtio_czone/*/state && exit 0; sleep 0.1; done; exit 1")
+    assert int(state(czvm)["shortfall_bytes"]) == 32 * MiB
+    assert qmp.device_size(czvm, DEV) == 32 * MiB
+
+    # Nothing more is plugged: a container that needs memory is OOM-killed.
+    greedy = agent.create(64)
+    agent.spawn("greedy", greedy, 64)
+    with pytest.raises(AgentError):
+        agent.touch("greedy", 8)
+    assert agent.verify("busy") == 32 * 256
+
+    qmp.set_requested_size(czvm, DEV, 1024 * MiB)
+    agent.spawn("again", greedy, 64)
+    agent.touch("again", 8)
+    assert agent.verify("again") == 8 * 256
+    assert_dmesg_clean(czvm)
