@@ -40,6 +40,6 @@ def test_czone_device_is_a_memory_device(microvm_factory) -> None:
     assert devices[0]["data"]["max-size"] == 256 * MiB
     qmp.set_requested_size(vm, "czdev0", 64 * MiB)
     assert vm.qmp("query-memory-devices")[0]["data"]["requested-size"] == 64 * MiB
-    # No guest driver yet (next step of czone-virtio): nothing is plugged.
+    # The driver plugs on demand: with no CZone, nothing is plugged.
     assert qmp.device_size(vm, "czdev0") == 0
     assert qmp.czone_stats(vm) == []
