@@ -15,10 +15,11 @@ import click
 
 from czone import accel as accel_mod
 from czone import artifacts
+from czone.cli_mem import vm_mem, vm_resize
 from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient
 from czone.net import check_port_free, free_port
-from czone.qemu.cmdline import Accel, build_argv, qmp_socket_path
+from czone.qemu.cmdline import MEMORY_MODES, Accel, build_argv, qmp_socket_path
 from czone.qemu.machine import Machine, kill_strays, spec_for
 from czone.state import StateDB, VmRecord, status, validate_name
 
@@ -62,6 +63,10 @@ def vm() -> None:
     """Boot, list, use and stop VMs."""
 
 
+vm.add_command(vm_resize)
+vm.add_command(vm_mem)
+
+
 @vm.command("up")
 @click.option("--name", default="vm0", show_default=True, help="VM name.")
 @click.option("--memory", "memory_mib", type=click.IntRange(min=64), default=512,
@@ -73,11 +78,17 @@ def vm() -> None:
 @click.option("--append", "extra_append", default="", help="Extra kernel command line.")
 @click.option("--boot-timeout", type=click.FloatRange(min=1), default=120.0,
               show_default=True, help="Seconds to wait for SSH.")
+@click.option("--memory-mode", type=click.Choice(MEMORY_MODES), default="none",
+              show_default=True, help="Elastic memory device.")
+@click.option("--device-memory", "device_memory_mib", type=click.IntRange(min=0), default=0,
+              help="MiB behind the czone or virtio-mem device.")
+@click.option("--requested", "requested_mib", type=click.IntRange(min=0),
+              help="MiB the device may plug at boot (default: all for czone, 0 for virtio-mem).")
 @click.option("--dry-run", is_flag=True, help="Print the QEMU command line and exit.")
 @click.pass_context
 def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: int | None,
-          qemu_path: str | None, extra_append: str, boot_timeout: float,
-          dry_run: bool) -> None:
+          qemu_path: str | None, extra_append: str, boot_timeout: float, memory_mode: str,
+          device_memory_mib: int, requested_mib: int | None, dry_run: bool) -> None:
     """Boot a VM with the CZone kernel and guest image and wait for SSH."""
     validate_name(name)
     db = StateDB()
@@ -91,8 +102,14 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
     else:
         accel, why = _detect_accel(kernel, image, qemu, db.root)
     run_dir = db.vm_dir(name)
-    spec = spec_for(name, run_dir, kernel, image, qemu, accel, port, memory_mib, cpus,
-                    extra_append=extra_append)
+    if requested_mib is None:
+        requested_mib = device_memory_mib if memory_mode == "czone" else 0
+    try:
+        spec = spec_for(name, run_dir, kernel, image, qemu, accel, port, memory_mib, cpus,
+                        extra_append=extra_append, memory_mode=memory_mode,
+                        device_memory_mib=device_memory_mib, requested_mib=requested_mib)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
     if dry_run:
         click.echo(shlex.join(build_argv(spec)))
         return

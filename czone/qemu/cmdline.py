@@ -22,6 +22,8 @@ MEMORY_MODES: tuple[MemoryMode, ...] = ("none", "czone", "virtio-mem", "balloon"
 MEMORY_DEVICE_ID = {"czone": "czdev0", "virtio-mem": "vmem0", "balloon": "balloon0"}
 
 # Printed by the guest's init once sshd is listening.
+# x86-64 Linux hot-adds memory in memory blocks of this size (guests below 64 GiB).
+LINUX_MEMORY_BLOCK_MIB = 128
 READY_MARKER = "czone-init: ready"
 # Printed by the kernel when it hands over to init (the accelerator probe's marker).
 INIT_MARKER = "Run /sbin/czone-init"
@@ -70,6 +72,9 @@ class VmSpec:
                     or self.requested_mib % self.block_mib:
                 raise ValueError("requested_mib must be a multiple of block_mib "
                                  "within device_memory_mib")
+        if self.memory_mode == "czone" and self.device_memory_mib % LINUX_MEMORY_BLOCK_MIB:
+            raise ValueError(f"device_memory_mib must be a multiple of {LINUX_MEMORY_BLOCK_MIB}: "
+                             "the guest adds memory in blocks of that size")
 
 
 def qmp_socket_path(run_dir: Path) -> Path:

@@ -108,7 +108,8 @@ def test_balloon_mode_reports_free_pages():
                                 {"memory_mode": "czone", "device_memory_mib": 0},
                                 {"memory_mode": "virtio-mem", "device_memory_mib": 1023},
                                 {"memory_mode": "czone", "device_memory_mib": 64,
-                                 "requested_mib": 128}])
+                                 "requested_mib": 128},
+                                {"memory_mode": "czone", "device_memory_mib": 1000}])
 def test_bad_memory_mode_args(kw):
     with pytest.raises(ValueError):
         replace(SPEC, **kw)

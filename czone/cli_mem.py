@@ -1,0 +1,89 @@
+"""``czonectl vm resize`` and ``czonectl vm mem``: a VM's elastic memory over QMP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from czone import hostmem
+from czone.errors import CZoneError
+from czone.qemu import qmp
+from czone.qemu.machine import Machine
+from czone.state import StateDB, VmRecord, status
+
+MiB = hostmem.MiB
+
+
+def _attach(name: str) -> tuple[VmRecord, Machine]:
+    rec = StateDB().get(name)
+    if status(rec) != "running":
+        raise CZoneError(f"VM {name!r} is {status(rec)}")
+    return rec, Machine.attach(Path(rec.run_dir), rec.pid, rec.proc_start)
+
+
+def memory_device(vm: Machine) -> dict[str, Any] | None:
+    """The VM's virtio-czone or virtio-mem device (query-memory-devices), if any."""
+    devices = [d for d in vm.qmp("query-memory-devices")
+               if d["type"] in ("virtio-czone", "virtio-mem")]
+    if len(devices) > 1:
+        raise CZoneError(f"{len(devices)} resizable memory devices; expected one")
+    return devices[0] if devices else None
+
+
+def _has_balloon(vm: Machine) -> bool:
+    try:
+        vm.qmp("query-balloon")
+    except qmp.QMPError:
+        return False
+    return True
+
+
+@click.command("resize")
+@click.argument("name")
+@click.argument("mib", type=click.IntRange(min=0))
+@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds to wait for the guest to follow (0: do not wait).")
+def vm_resize(name: str, mib: int, timeout: float) -> None:
+    """Ask the VM's memory device to hold MIB (virtio-czone, virtio-mem or balloon)."""
+    _, vm = _attach(name)
+    try:
+        dev = memory_device(vm)
+        if dev is None and not _has_balloon(vm):
+            raise CZoneError(f"VM {name!r} has no resizable memory device")
+        if dev is None:
+            qmp.balloon_target(vm, mib * MiB)
+            click.echo(f"balloon target {mib} MiB")
+            return
+        dev_id = dev["data"]["id"]
+        qmp.set_requested_size(vm, dev_id, mib * MiB)
+        if timeout:
+            size = hostmem.settle(lambda: qmp.device_size(vm, dev_id), timeout=timeout,
+                                  tolerance=0).value
+            click.echo(f"{dev_id}: requested {mib} MiB, plugged {size // MiB} MiB")
+    finally:
+        vm.close()
+
+
+@click.command("mem")
+@click.argument("name")
+def vm_mem(name: str) -> None:
+    """The host's view of the VM's memory, and the guest's CZones as its device reports them."""
+    rec, vm = _attach(name)
+    try:
+        click.echo(f"QEMU pid {rec.pid}: RSS {hostmem.rss_bytes(rec.pid) // MiB} MiB, "
+                   f"PSS {hostmem.pss_bytes(rec.pid) // MiB} MiB")
+        dev = memory_device(vm)
+        if dev is None:
+            return
+        data = dev["data"]
+        click.echo(f"{dev['type']} {data['id']}: plugged {data['size'] // MiB} MiB, requested "
+                   f"{data['requested-size'] // MiB} MiB of {data['max-size'] // MiB} MiB")
+        if dev["type"] == "virtio-czone":
+            click.echo("CZONE  USED_MIB  FREE_MIB  BACKED_MIB  PLUGGED_MIB")
+            for s in qmp.czone_stats(vm, data["id"]):
+                click.echo(f"{s['czone']:<6} {s['used'] // MiB:>9} {s['free'] // MiB:>9} "
+                           f"{s['backed'] // MiB:>11} {s['plugged'] // MiB:>12}")
+    finally:
+        vm.close()
