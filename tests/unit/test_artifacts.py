@@ -50,3 +50,25 @@ def test_cli_entry_prints_key(capsys):
     assert artifacts.main(["artifacts.py", "key", "image"]) == 0
     assert len(capsys.readouterr().out.strip()) == 12
     assert artifacts.main(["artifacts.py", "key", "bogus"]) == 2
+
+
+def test_shared_header_comes_from_the_kernel_series() -> None:
+    text = artifacts.shared_header()
+    assert "#define VIRTIO_ID_CZONE" in text
+    assert text.endswith("#endif /* _LINUX_VIRTIO_CZONE_H */\n")
+
+
+def test_qemu_key_follows_the_shared_header(tmp_path) -> None:
+    series = tmp_path / artifacts.KERNEL_SERIES
+    series.mkdir(parents=True)
+    patch = series / "0001-x.patch"
+    body = ("--- /dev/null\n+++ b/include/uapi/linux/virtio_czone.h\n@@ -0,0 +1,2 @@\n"
+            "+#define VIRTIO_ID_CZONE {}\n+\ndiff --git a/x b/x\n")
+    patch.write_text(body.format(60))
+    assert artifacts.shared_header(tmp_path) == "#define VIRTIO_ID_CZONE 60\n\n"
+    k = artifacts.input_key("qemu", tmp_path)
+    patch.write_text(body.format(61))
+    assert artifacts.input_key("qemu", tmp_path) != k
+    patch.unlink()
+    with pytest.raises(artifacts.CZoneError, match="creates include/uapi/linux/virtio_czone.h"):
+        artifacts.shared_header(tmp_path)
