@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from czone.bench import boot, kernel, report
+from czone.bench import boot, kernel, reclaim, report
 from czone.errors import CZoneError
 
-SCENARIOS = {"boot": boot.run, "kernel": kernel.run_all}
+SCENARIOS = {"boot": boot.run, "kernel": kernel.run_all, "reclaim": reclaim.run}
 
 
 def main(argv: list[str]) -> int:

@@ -82,11 +82,13 @@ def czone_stats(vm: Machine, dev_id: str = "czdev0") -> list[dict[str, int]]:
     return list(vm.qmp("qom-get", path=peripheral(dev_id), property="stats"))
 
 
-def wait_size(vm: Machine, dev_id: str, nbytes: int, timeout: float) -> int:
+def wait_size(vm: Machine, dev_id: str, nbytes: int, timeout: float,
+              poll: float = 0.1) -> int:
     """Wait until the plugged size is ``nbytes``.
 
     MEMORY_DEVICE_SIZE_CHANGE is rate-limited to one per second, so it is
-    only a hint to look again; the size itself is read with qom-get.
+    only a hint to look again; the size itself is read with qom-get at
+    least every ``poll`` seconds.
     """
     deadline = time.monotonic() + timeout
     while (size := device_size(vm, dev_id)) != nbytes:
@@ -95,7 +97,7 @@ def wait_size(vm: Machine, dev_id: str, nbytes: int, timeout: float) -> int:
             raise QmpTimeout(f"{dev_id}: size stayed {size}, wanted {nbytes} "
                              f"after {timeout:.0f}s")
         try:
-            vm.wait_event("MEMORY_DEVICE_SIZE_CHANGE", min(left, 1.0), id=dev_id)
+            vm.wait_event("MEMORY_DEVICE_SIZE_CHANGE", min(left, poll), id=dev_id)
         except QmpTimeout:
             pass
     return size

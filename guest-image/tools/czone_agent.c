@@ -11,7 +11,7 @@
  *
  *   create CAP_MIB                 -> ok ID
  *   spawn NAME CZID MAX_MIB [nothp] -> ok PID
- *   touch NAME MIB                 -> ok TOUCHED_KIB
+ *   touch NAME MIB                 -> ok TOUCHED_KIB (MIB 0: just report it)
  *   interleave STEP_KIB MIB NAME.. -> ok   (round robin, STEP_KIB each)
  *   free NAME MIB                  -> ok TOUCHED_KIB (drops the top MIB)
  *   punch NAME STEP_KIB            -> ok FREED_KIB (every other STEP_KIB)

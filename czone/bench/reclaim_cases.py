@@ -1,0 +1,213 @@
+"""The reclaim benchmark's measured cases, one VM per memory mode.
+
+Each VM runs four containers of ``size`` MiB (one that dies, three live
+neighbours) that touched their memory interleaved in 64 KiB steps, so the
+dying container's pages lie scattered among live ones.  Every figure is
+the host's: the QEMU process's RSS, sampled by ``hostmem.RssWatch``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from czone.bench.guestvm import booted
+from czone.bench.reclaim_model import (
+    BLOCK_MIB,
+    Sample,
+    cap_mib,
+    device_mib,
+    shrink_steps,
+    step_mib,
+)
+from czone.errors import CZoneError
+from czone.guest.agent import GuestAgent
+from czone.hostmem import MiB, RssWatch, rss_bytes
+from czone.qemu import qmp
+from czone.qemu.cmdline import MEMORY_DEVICE_ID
+from czone.qemu.machine import Machine
+
+DYING = "dying"
+NEIGHBOURS = ("n1", "n2", "n3")
+STEP_KIB = 64
+BASE_MIB = 512
+PLUG_TIMEOUT = 300.0
+SHRINK_TIMEOUT = 60.0
+UNTIL_LIMIT = 180.0
+FPR_WINDOW = 20.0
+BALLOON_TIMEOUT = 120.0
+GUEST_ROUND_TRIPS = 7
+
+
+def measure(pid: int, resident: int, request: Callable[[], object],
+            wait: Callable[[], object] = lambda: None, **finish: float) -> Sample:
+    """Time ``request`` from the host's view: from the call until RSS stops falling.
+
+    ``done_s`` is when ``wait`` returned: the answer, or the device at its new size.
+    """
+    with RssWatch(pid) as w:
+        t0 = time.monotonic()
+        request()
+        wait()
+        done = time.monotonic() - t0
+        before, after, latency = w.finish(t0, **finish)
+    return Sample(latency, before, after, resident, {"done_s": done})
+
+
+# -- the guest side ------------------------------------------------------
+
+@contextmanager
+def agent_in(vm: Machine) -> Iterator[GuestAgent]:
+    with vm.ssh() as ssh, GuestAgent(ssh) as agent:
+        yield agent
+
+
+def populate(agent: GuestAgent, czones: list[int], size_mib: int) -> int:
+    """Spawn the dying container and its neighbours, touch interleaved; bytes it touched."""
+    names = [DYING, *NEIGHBOURS]
+    for name, czone in zip(names, czones, strict=True):
+        agent.spawn(name, czone, size_mib, thp=False)
+    agent.interleave(names, size_mib, STEP_KIB)
+    return agent.touch(DYING, 0) * 1024
+
+
+def verify_neighbours(agent: GuestAgent, size_mib: int) -> int:
+    """Every neighbour page still holds its pattern; raises otherwise."""
+    want = size_mib * MiB // 4096
+    pages = 0
+    for name in NEIGHBOURS:
+        got = agent.verify(name)
+        if got != want:
+            raise CZoneError(f"neighbour {name} verified {got} pages, expected {want}")
+        pages += got
+    return pages
+
+
+def median_time(ask: Callable[[Any], object], prepare: Callable[[], Any] = lambda: None,
+                rounds: int = GUEST_ROUND_TRIPS) -> float:
+    """Median seconds of ``ask(prepare())`` over a few rounds; ``prepare`` is not timed."""
+    times = []
+    for _ in range(rounds):
+        arg = prepare()
+        t0 = time.monotonic()
+        ask(arg)
+        times.append(time.monotonic() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def fixed_costs(agent: GuestAgent, live: int) -> dict[str, float]:
+    """The guest's fixed cost, from the host: a no-op agent round trip (``stat``) and
+    the round trip of destroying a CZone that never had a chunk."""
+    return {"stat_round_trip_s": median_time(lambda _: agent.stat(live)),
+            "empty_destroy_s": median_time(agent.destroy, lambda: agent.create(BLOCK_MIB))}
+
+
+# -- the cases -------------------------------------------------------------
+
+def czone_destroy(size_mib: int) -> tuple[Sample, str]:
+    """Case 1: the dying container's CZone is destroyed; its chunks are unplugged."""
+    dev = device_mib(size_mib)
+    with booted("rcl-cz", BASE_MIB, memory_mode="czone", device_memory_mib=dev,
+                requested_mib=dev) as (vm, accel), agent_in(vm) as agent:
+        ids = [agent.create(cap_mib(size_mib)) for _ in range(4)]
+        resident = populate(agent, ids, size_mib)
+        agent.kill(DYING)
+        stat = agent.stat(ids[0])
+        fixed = fixed_costs(agent, ids[1])
+        answer: dict[str, int] = {}
+        sample = measure(vm.pid, resident, lambda: answer.update(agent.destroy(ids[0])))
+        sample.extra |= {**fixed, "destroy": answer, "stat_before": stat,
+                         "verified_pages": verify_neighbours(agent, size_mib)}
+    return sample, accel
+
+
+def virtio_mem(size_mib: int) -> tuple[Sample, Sample]:
+    """Cases 2 and 3: shrink by the container's size, then on until RSS fell that much."""
+    dev, dev_id = device_mib(size_mib), MEMORY_DEVICE_ID["virtio-mem"]
+    with booted("rcl-vmem", BASE_MIB, memory_mode="virtio-mem", device_memory_mib=dev,
+                requested_mib=dev) as (vm, _), agent_in(vm) as agent:
+        qmp.wait_size(vm, dev_id, dev * MiB, PLUG_TIMEOUT)
+        resident = populate(agent, [0] * 4, size_mib)
+        agent.kill(DYING)
+        target = dev - size_mib
+        shrink = measure(vm.pid, resident, lambda: qmp.set_requested_size(vm, dev_id, target * MiB),
+                         lambda: reached(vm, dev_id, target, SHRINK_TIMEOUT))
+        size = qmp.device_size(vm, dev_id) // MiB
+        shrink.extra |= {"requested_mib": target, "size_mib": size, "reached": size == target,
+                         "verified_pages": verify_neighbours(agent, size_mib)}
+        until = shrink_until(vm, dev_id, shrink, target, size_mib)
+        until.extra["verified_pages"] = verify_neighbours(agent, size_mib)
+    return shrink, until
+
+
+def poll_size(vm: Machine, dev_id: str, nbytes: int, timeout: float) -> int:
+    """Like qmp.wait_size but polls every 20 ms: size-change events come at most once a
+    second, which would add up to a second to every step of case 3."""
+    deadline = time.monotonic() + timeout
+    while (size := qmp.device_size(vm, dev_id)) != nbytes:
+        if time.monotonic() > deadline:
+            raise qmp.QmpTimeout(f"{dev_id}: size stayed {size}, wanted {nbytes}")
+        time.sleep(0.02)
+    return size
+
+
+def reached(vm: Machine, dev_id: str, mib: int, timeout: float,
+            wait: Callable[[Machine, str, int, float], int] = poll_size) -> bool:
+    try:
+        wait(vm, dev_id, mib * MiB, timeout)
+    except qmp.QmpTimeout:
+        return False
+    return True
+
+
+def shrink_until(vm: Machine, dev_id: str, shrink: Sample, start_mib: int,
+                 size_mib: int) -> Sample:
+    """Case 3: from case 2's state, lower the size in steps until RSS fell by 99% of
+    the container.  Latency = the operator's active time: case 2's (request until the
+    device had shrunk and RSS stopped falling) plus the steps' (first request until
+    RSS stopped falling or the loop gave up); the pause between the two is not counted."""
+    want = 0.99 * shrink.resident
+    outcome: list[Any] = []
+
+    def steps() -> None:
+        outcome.extend(shrink_steps(
+            start_mib, step_mib(size_mib),
+            enough=lambda: shrink.before - rss_bytes(vm.pid) >= want,
+            resize=lambda mib: (qmp.set_requested_size(vm, dev_id, mib * MiB),
+                                reached(vm, dev_id, mib, SHRINK_TIMEOUT))[1],
+            deadline=time.monotonic() + UNTIL_LIMIT))
+
+    more = measure(vm.pid, shrink.resident, steps)
+    requested, why = outcome
+    first = max(shrink.latency_s, shrink.extra["done_s"])
+    steps_s = max(more.latency_s, more.extra["done_s"]) if requested != start_mib else 0.0
+    return Sample(first + steps_s, shrink.before, more.after, shrink.resident,
+                  {"requested_mib": requested, "stopped": why, "step_mib": step_mib(size_mib),
+                   "steps_s": steps_s})
+
+
+def balloon(size_mib: int) -> tuple[Sample, Sample]:
+    """Case 4: free page reporting after the kill, then a balloon inflate by the size."""
+    mem = BASE_MIB + device_mib(size_mib)
+    with booted("rcl-bal", mem, memory_mode="balloon") as (vm, _), agent_in(vm) as agent:
+        resident = populate(agent, [0] * 4, size_mib)
+        fpr = measure(vm.pid, resident, lambda: agent.kill(DYING),
+                      lambda: time.sleep(FPR_WINDOW))
+        fpr.extra |= {"window_s": FPR_WINDOW, "verified_pages": verify_neighbours(agent, size_mib)}
+        target = qmp.balloon_actual(vm) - size_mib * MiB
+        inflate = measure(vm.pid, resident, lambda: qmp.balloon_target(vm, target),
+                          lambda: wait_balloon(vm, target, BALLOON_TIMEOUT))
+        inflate.extra |= {"target": target, "actual": qmp.balloon_actual(vm),
+                         "verified_pages": verify_neighbours(agent, size_mib)}
+    return fpr, inflate
+
+
+def wait_balloon(vm: Machine, target: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while qmp.balloon_actual(vm) > target:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -1,0 +1,225 @@
+"""The reclaim benchmark's pure parts: sizes, the plan, samples and their summaries.
+
+Nothing here boots a VM or touches memory (``shrink_steps`` gets its device,
+RSS and clock as functions), so the unit tests cover it with fakes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from czone.bench.report import median
+
+MiB = 1 << 20
+SIZES = (64, 256, 1024)
+REPS = 3
+LARGE_MIB = 1024
+BLOCK_MIB = 2
+SLACK_MIB = 256
+CAP_SLACK_MIB = 4
+SPEEDUP_TARGET = 20.0
+RAW_FACTOR = 2.0
+COMPLETE_TARGET = 0.99
+
+# case -> row label, in table order
+LABELS = {
+    "czone": "CZone destroy",
+    "vmem_shrink": "virtio-mem shrink by S",
+    "vmem_until": "virtio-mem shrink until RSS fell by S",
+    "fpr": "balloon free page reporting",
+    "inflate": "balloon inflate by S",
+    "memfd": "raw memfd punch hole",
+    "memfd_2m": "raw memfd punch hole, 2 MiB at a time",
+    "anon": "raw anon MADV_DONTNEED",
+}
+
+
+@dataclass
+class Sample:
+    """One measured give-back: host RSS before and after, and how long it took."""
+
+    latency_s: float
+    before: int
+    after: int
+    resident: int                      # bytes the dying container touched
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.resident <= 0:
+            raise ValueError(f"resident bytes must be positive, not {self.resident}")
+
+    @property
+    def returned(self) -> int:
+        return self.before - self.after
+
+    @property
+    def completeness(self) -> float:
+        return self.returned / self.resident
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"latency_s": self.latency_s, "before": self.before, "after": self.after,
+                "resident": self.resident, "returned": self.returned,
+                "completeness": self.completeness, **self.extra}
+
+
+def check_size(size_mib: int) -> int:
+    if size_mib <= 0 or size_mib % BLOCK_MIB:
+        raise ValueError(f"container size {size_mib} MiB must be a positive multiple "
+                         f"of {BLOCK_MIB} MiB")
+    return size_mib
+
+
+def device_mib(size_mib: int) -> int:
+    """Hot-pluggable memory for four containers plus slack."""
+    return 4 * check_size(size_mib) + SLACK_MIB
+
+
+def cap_mib(size_mib: int) -> int:
+    """A CZone cap: the container, its stack and page-ins, in whole 2 MiB chunks."""
+    return check_size(size_mib) + CAP_SLACK_MIB
+
+
+def step_mib(size_mib: int) -> int:
+    """virtio-mem shrink step: a quarter of the container, whole blocks, at least one."""
+    quarter = check_size(size_mib) // 4
+    return max(BLOCK_MIB, quarter - quarter % BLOCK_MIB)
+
+
+def shrink_steps(start_mib: int, step: int, enough: Callable[[], bool],
+                 resize: Callable[[int], bool], deadline: float,
+                 clock: Callable[[], float] = time.monotonic) -> tuple[int, str]:
+    """Lower a requested size by ``step`` until ``enough()``; returns (size, why it stopped).
+
+    ``resize(mib)`` asks for a size and returns False if the device did not get there.
+    """
+    if step <= 0:
+        raise ValueError(f"shrink step must be positive, not {step}")
+    requested = start_mib
+    while not enough():
+        if requested == 0:
+            return requested, "device empty"
+        if clock() > deadline:
+            return requested, "time limit"
+        requested = max(0, requested - step)
+        if not resize(requested):
+            return requested, "device did not shrink"
+    return requested, "reached"
+
+
+def env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer") from None
+    if value <= 0:
+        raise ValueError(f"{name}={value} must be positive")
+    return value
+
+
+def plan(env: Mapping[str, str]) -> dict[int, int]:
+    """Size (MiB) -> repetitions, from CZONE_RECLAIM_SIZES / _REPS / _LARGE_REPS."""
+    text = env.get("CZONE_RECLAIM_SIZES", "").strip()
+    try:
+        sizes = [int(s) for s in text.split(",")] if text else list(SIZES)
+    except ValueError:
+        raise ValueError(f"CZONE_RECLAIM_SIZES={text!r}: want MiB like 64,256,1024") from None
+    for s in sizes:
+        check_size(s)
+    reps = env_int(env, "CZONE_RECLAIM_REPS", REPS)
+    large = min(reps, env_int(env, "CZONE_RECLAIM_LARGE_REPS", reps))
+    return {s: large if s >= LARGE_MIB else reps for s in sizes}
+
+
+# -- pure summaries ----------------------------------------------------------
+
+def rep_ratios(rep: Mapping[str, Sample]) -> dict[str, Any]:
+    """The side-by-side comparisons of one repetition."""
+    cz, until, memfd = rep["czone"], rep["vmem_until"], rep["memfd"]
+    fixed = cz.extra["empty_destroy_s"]
+    budget = RAW_FACTOR * memfd.latency_s + fixed
+    return {
+        "speedup_vs_vmem": until.latency_s / cz.latency_s if cz.latency_s else float("inf"),
+        "vmem_reached": until.extra.get("stopped") == "reached",
+        "czone_vs_raw": cz.latency_s / memfd.latency_s,
+        "raw_budget_s": budget,
+        "over_raw_budget_s": cz.latency_s - budget,
+        "fixed_guest_s": fixed,
+        "stat_round_trip_s": cz.extra["stat_round_trip_s"],
+        "destroy_in_guest_s": cz.extra["destroy"]["ns"] / 1e9,
+        "completeness": cz.completeness,
+    }
+
+
+def summarize(reps: list[Mapping[str, Sample]]) -> dict[str, Any]:
+    """Medians over repetitions of each case and of each per-repetition ratio."""
+    if not reps:
+        raise ValueError("no repetitions to summarize")
+    out: dict[str, Any] = {"n": len(reps), "cases": {}, "ratios": {}}
+    for case in LABELS:
+        ss = [r[case] for r in reps]
+        out["cases"][case] = {"latency_s": median([s.latency_s for s in ss]),
+                              "returned": median([s.returned for s in ss]),
+                              "completeness": median([s.completeness for s in ss])}
+    ratios = [rep_ratios(r) for r in reps]
+    for key, value in ratios[0].items():
+        vals = [r[key] for r in ratios]
+        # a flag holds only if it held in every repetition
+        out["ratios"][key] = all(vals) if isinstance(value, bool) else median(vals)
+    out["notes"] = {case: notes(case, [r[case] for r in reps]) for case in LABELS}
+    return out
+
+
+def notes(case: str, ss: list[Sample]) -> str:
+    """What a case's median hides: how virtio-mem stopped, what the guest reported."""
+    x = [s.extra for s in ss]
+    if case == "czone":
+        lo, hi = (f(e["destroy"]["released"] for e in x) for f in (min, max))
+        return (f"{median([e['destroy']['ns'] / 1e6 for e in x]):.1f} ms in the guest, "
+                f"{lo if lo == hi else f'{lo}-{hi}'} chunks, "
+                f"{sum(e['destroy']['migrated'] for e in x)} pages migrated")
+    if case == "vmem_shrink":
+        missed = sum(not e.get("reached", True) for e in x)
+        return (f"device shrunk after {median([e['done_s'] * 1e3 for e in x]):.0f} ms"
+                + (f"; did not reach the size in {missed} repetition(s)" if missed else ""))
+    if case == "vmem_until":
+        stops = sorted({e["stopped"] for e in x})
+        return (f"{'/'.join(stops)} at {statistics.median_low([e['requested_mib'] for e in x])}"
+                f" MiB, steps of {x[0]['step_mib']} MiB")
+    if case == "fpr":
+        return f"watched for {x[0]['window_s']:.0f} s after the kill"
+    if case == "inflate":
+        return "after the reporting window, same VM"
+    return "host process, the discard call only"
+
+
+def case_rows(size: int, summary: Mapping[str, Any]) -> list[list[Any]]:
+    return [[size, LABELS[c], summary["n"], v["latency_s"] * 1e3, v["returned"] / MiB,
+             v["completeness"] * 100, summary["notes"][c]]
+            for c, v in summary["cases"].items()]
+
+
+def ratio_row(size: int, summary: Mapping[str, Any]) -> list[Any]:
+    r = summary["ratios"]
+    speedup = f"{r['speedup_vs_vmem']:.1f}" + ("" if r["vmem_reached"] else " (lower bound)")
+    return [size, speedup, r["czone_vs_raw"], summary["cases"]["czone"]["latency_s"] * 1e3,
+            r["raw_budget_s"] * 1e3, r["fixed_guest_s"] * 1e3, r["stat_round_trip_s"] * 1e3,
+            r["destroy_in_guest_s"] * 1e3, r["completeness"] * 100]
+
+
+def verdicts(summaries: Mapping[int, Mapping[str, Any]]) -> list[str]:
+    out = []
+    for size, s in summaries.items():
+        r = s["ratios"]
+        out.append(f"{size} MiB: speedup vs virtio-mem "
+                   f"{'met' if r['speedup_vs_vmem'] >= SPEEDUP_TARGET else 'MISSED'}; "
+                   f"within 2 x raw + fixed guest cost "
+                   f"{'met' if r['over_raw_budget_s'] <= 0 else 'MISSED'}; "
+                   f"completeness {'met' if r['completeness'] >= COMPLETE_TARGET else 'MISSED'}")
+    return out
