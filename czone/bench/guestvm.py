@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from collections.abc import Iterator
@@ -18,13 +19,20 @@ from czone.state import run_root
 BOOT_TIMEOUT = 120.0
 
 
+@functools.cache
+def _artifacts() -> tuple[artifacts.Kernel, artifacts.Image, Path, str]:
+    """Resolved once per run, so that a rebuild meanwhile cannot mix builds."""
+    kernel, image, qemu = artifacts.kernel(), artifacts.image(), artifacts.qemu_binary()
+    accel, _ = accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs, qemu,
+                                tuple(artifacts.firmware_dirs()), run_root())
+    return kernel, image, qemu, accel
+
+
 @contextmanager
 def booted(name: str, memory_mib: int, extra_append: str = "",
            **extra: object) -> Iterator[tuple[Machine, str]]:
     """A booted VM (on the probed accelerator) and the accelerator's name."""
-    kernel, image, qemu = artifacts.kernel(), artifacts.image(), artifacts.qemu_binary()
-    accel, _ = accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs, qemu,
-                                tuple(artifacts.firmware_dirs()), run_root())
+    kernel, image, qemu, accel = _artifacts()
     with tempfile.TemporaryDirectory(prefix=f"czb-{name}-") as d:
         spec = spec_for(name, Path(d), kernel, image, qemu, accel, free_port(), memory_mib,
                         extra_append=extra_append, **extra)
