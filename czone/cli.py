@@ -21,7 +21,7 @@ from czone.guest.ssh import SSHClient
 from czone.net import check_port_free, free_port
 from czone.qemu.cmdline import MEMORY_MODES, Accel, build_argv, qmp_socket_path
 from czone.qemu.machine import Machine, kill_strays, spec_for
-from czone.state import StateDB, VmRecord, status, validate_name
+from czone.state import StateDB, status, validate_name
 
 
 class CZoneGroup(click.Group):
@@ -156,15 +156,6 @@ def vm_list(as_json: bool) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-def _running(db: StateDB, name: str) -> VmRecord:
-    rec = db.get(name)
-    st = status(rec)
-    if st != "running":
-        raise CZoneError(f"VM {name!r} is {st}"
-                         + (f"; `czonectl vm down {name}` removes it" if st == "dead" else ""))
-    return rec
-
-
 @vm.command("ssh", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -173,7 +164,7 @@ def _running(db: StateDB, name: str) -> VmRecord:
 def vm_ssh(ctx: click.Context, name: str, command: tuple[str, ...],
            timeout: float | None) -> None:
     """Run COMMAND in the guest (words joined by spaces, like ssh); exit with its status."""
-    rec = _running(StateDB(), name)
+    rec = StateDB().running(name)
     if rec.ssh_port is None or rec.ssh_key is None:
         raise CZoneError(f"VM {name!r} has no SSH forward")
 

@@ -11,15 +11,13 @@ from czone import hostmem
 from czone.errors import CZoneError
 from czone.qemu import qmp
 from czone.qemu.machine import Machine
-from czone.state import StateDB, VmRecord, status
+from czone.state import StateDB, VmRecord
 
 MiB = hostmem.MiB
 
 
 def _attach(name: str) -> tuple[VmRecord, Machine]:
-    rec = StateDB().get(name)
-    if status(rec) != "running":
-        raise CZoneError(f"VM {name!r} is {status(rec)}")
+    rec = StateDB().running(name)
     return rec, Machine.attach(Path(rec.run_dir), rec.pid, rec.proc_start)
 
 

@@ -50,6 +50,10 @@ class UnknownVm(CZoneError):
     pass
 
 
+class VmNotRunning(CZoneError):
+    pass
+
+
 class DuplicateVm(CZoneError):
     pass
 
@@ -181,6 +185,15 @@ class StateDB:
             known = ", ".join(r.name for r in self.list()) or "none"
             raise UnknownVm(f"no VM named {name!r} (known: {known})")
         return VmRecord(**dict(rows[0]))
+
+    def running(self, name: str) -> VmRecord:
+        """The record of ``name``, which must be running."""
+        rec = self.get(name)
+        st = status(rec)
+        if st != "running":
+            raise VmNotRunning(f"VM {name!r} is {st}" + (
+                f"; `czonectl vm down {name}` removes it" if st == "dead" else ""))
+        return rec
 
     def list(self) -> list[VmRecord]:
         return [VmRecord(**dict(r)) for r in self._query("SELECT * FROM vms ORDER BY created")]
