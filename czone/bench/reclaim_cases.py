@@ -142,21 +142,11 @@ def virtio_mem(size_mib: int) -> tuple[Sample, Sample]:
     return shrink, until
 
 
-def poll_size(vm: Machine, dev_id: str, nbytes: int, timeout: float) -> int:
-    """Like qmp.wait_size but polls every 20 ms: size-change events come at most once a
-    second, which would add up to a second to every step of case 3."""
-    deadline = time.monotonic() + timeout
-    while (size := qmp.device_size(vm, dev_id)) != nbytes:
-        if time.monotonic() > deadline:
-            raise qmp.QmpTimeout(f"{dev_id}: size stayed {size}, wanted {nbytes}")
-        time.sleep(0.02)
-    return size
-
-
-def reached(vm: Machine, dev_id: str, mib: int, timeout: float,
-            wait: Callable[[Machine, str, int, float], int] = poll_size) -> bool:
+def reached(vm: Machine, dev_id: str, mib: int, timeout: float) -> bool:
+    # size-change events come at most once a second: poll, or every step of case 3
+    # would wait up to a second
     try:
-        wait(vm, dev_id, mib * MiB, timeout)
+        qmp.wait_size(vm, dev_id, mib * MiB, timeout, poll=0.02)
     except qmp.QmpTimeout:
         return False
     return True
@@ -205,9 +195,8 @@ def balloon(size_mib: int) -> tuple[Sample, Sample]:
 
 
 def wait_balloon(vm: Machine, target: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while qmp.balloon_actual(vm) > target:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
+    try:
+        qmp.wait_balloon(vm, target, timeout, poll=0.02)
+    except qmp.QmpTimeout:
+        return False
     return True

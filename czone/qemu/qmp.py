@@ -111,5 +111,17 @@ def balloon_actual(vm: Machine) -> int:
     return int(vm.qmp("query-balloon")["actual"])
 
 
+def wait_balloon(vm: Machine, nbytes: int, timeout: float, poll: float = 0.05) -> int:
+    """Wait until the balloon has shrunk the guest to ``nbytes`` or less."""
+    deadline = time.monotonic() + timeout
+    while (actual := balloon_actual(vm)) > nbytes:
+        if time.monotonic() > deadline:
+            raise QmpTimeout(f"balloon: guest stayed at {actual}, wanted {nbytes} "
+                             f"after {timeout:.0f}s")
+        time.sleep(poll)
+    return actual
+
+
 __all__ = ["QmpSession", "QmpTimeout", "QMPError", "balloon_actual", "balloon_target",
-           "czone_stats", "device_size", "peripheral", "set_requested_size", "wait_size"]
+           "czone_stats", "device_size", "peripheral", "set_requested_size", "wait_balloon",
+           "wait_size"]
