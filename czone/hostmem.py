@@ -65,6 +65,14 @@ def settle(read: Callable[[], int], timeout: float = 60.0, quiet: float = 1.0,
                             f"{[v // MiB for v in recent]} MiB")
 
 
+def stable_rss(pid: int, timeout: float = 120.0) -> int:
+    return settle(lambda: rss_bytes(pid), timeout=timeout).value
+
+
+def stable_pss(pid: int, timeout: float = 120.0) -> int:
+    return settle(lambda: pss_bytes(pid), timeout=timeout).value
+
+
 class RssWatch:
     """Sample RSS in a thread while something happens; find when it stopped moving.
 
@@ -85,7 +93,7 @@ class RssWatch:
             time.sleep(self.interval)
 
     def __enter__(self) -> RssWatch:
-        self.before = settle(lambda: rss_bytes(self.pid)).value
+        self.before = stable_rss(self.pid)
         self._thread.start()
         return self
 

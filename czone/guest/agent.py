@@ -52,7 +52,8 @@ class GuestAgent:
         self._chan: paramiko.Channel = ssh.session(path)
         self._chan.settimeout(timeout)
         self._buf = b""
-        self.ask("<start>", expect_ready=True)
+        if (hello := self._readline("<start>")) != "ready":
+            raise AgentError("<start>", hello)
 
     def _readline(self, command: str) -> str:
         deadline = time.monotonic() + self.timeout
@@ -70,15 +71,10 @@ class GuestAgent:
         line, _, self._buf = self._buf.partition(b"\n")
         return line.decode(errors="replace").strip()
 
-    def ask(self, command: str, expect_ready: bool = False) -> list[str]:
+    def ask(self, command: str) -> list[str]:
         """Send one command; return the words after ``ok`` or raise AgentError."""
-        if not expect_ready:
-            self._chan.sendall(command.encode() + b"\n")
+        self._chan.sendall(command.encode() + b"\n")
         answer = self._readline(command)
-        if expect_ready:
-            if answer != "ready":
-                raise AgentError(command, answer)
-            return []
         if answer != "ok" and not answer.startswith("ok "):
             raise AgentError(command, answer)
         return answer.split()[1:]

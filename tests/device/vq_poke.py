@@ -24,6 +24,8 @@ import time
 from checks import check, finish, stop
 from qemu.qmp import QMPClient
 
+from czone import hostmem
+
 QEMU = sys.argv[1] if len(sys.argv) > 1 else "/work/qdev-obj/qemu-system-x86_64"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -219,11 +221,7 @@ class VirtioCZone:
 
 
 def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return hostmem.rss_bytes(pid) // 1024
 
 
 async def main():

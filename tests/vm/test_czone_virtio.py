@@ -24,11 +24,11 @@ CZONE_VIRTIO_VM = {"memory_mib": 768, "memory_mode": "czone",
 
 
 def rss(vm: Machine) -> int:
-    return hostmem.settle(lambda: hostmem.rss_bytes(vm.pid), timeout=120).value
+    return hostmem.stable_rss(vm.pid)
 
 
 def pss(vm: Machine) -> int:
-    return hostmem.settle(lambda: hostmem.pss_bytes(vm.pid), timeout=120).value
+    return hostmem.stable_pss(vm.pid)
 
 
 def state(vm: Machine) -> dict[str, str]:
@@ -116,7 +116,7 @@ def test_churn_leaves_rss_and_memtotal_flat(czvm: Machine, agent: GuestAgent) ->
         f"RSS {before / MiB:.0f} -> {after / MiB:.0f} MiB after 50 cycles"
     assert meminfo_kib(czvm, "MemTotal") == total
     st = state(czvm)
-    assert st["plugs"] == st["unplugs"]
+    assert int(st["plugs"]) >= 50 and st["plugs"] == st["unplugs"]
     assert int(st["plugged_bytes"]) == 0 and int(st["failures"]) == 0
     assert_dmesg_clean(czvm)
 
