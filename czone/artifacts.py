@@ -120,6 +120,8 @@ class Image:
     rootfs: Path
     ssh_key: Path
     version: str
+    # The function base image: the read-only lower layer of every container.
+    fnbase: Path
 
 
 def _require(name: str, *files: str) -> Path:
@@ -149,8 +151,9 @@ def qemu_binary(override: str | os.PathLike | None = None) -> Path:
 
 
 def image() -> Image:
-    d = _require("image", "rootfs.squashfs", "id_ed25519", "version")
-    return Image(d / "rootfs.squashfs", d / "id_ed25519", (d / "version").read_text().strip())
+    d = _require("image", "rootfs.squashfs", "fnbase.squashfs", "id_ed25519", "version")
+    return Image(d / "rootfs.squashfs", d / "id_ed25519", (d / "version").read_text().strip(),
+                 d / "fnbase.squashfs")
 
 
 def firmware_dirs() -> list[Path]:

@@ -37,6 +37,20 @@ stage=$CACHE/image/.stage-$key
 root=$stage/root
 rm -rf "$stage" && mkdir -p "$root"
 trap 'rm -rf "$stage"' EXIT
+
+# The function base image: the same Debian root plus the functions and
+# their server, byte-compiled by the guest's own Python.  No keys, agent or
+# tools of the VM: a container sees only this.
+fnroot=$stage/fnbase
+mkdir -p "$fnroot"
+tar -C "$fnroot" -xf "$base"
+cp -a "$REPO/guest-image/functions" "$fnroot/opt/fn"
+chroot "$fnroot" /usr/bin/python3 -m compileall -q /opt/fn >/dev/null ||
+	die "byte-compiling the functions failed"
+mksquashfs "$fnroot" "$stage/fnbase.squashfs" -noappend -no-xattrs -all-root \
+	-noI -noD -noF -noX -quiet >/dev/null
+rm -rf "$fnroot"
+
 tar -C "$root" -xf "$base"
 
 cp -a "$REPO/guest-image/rootfs/." "$root/"

@@ -55,6 +55,8 @@ class VmSpec:
     device_memory_mib: int = 0
     requested_mib: int = 0
     block_mib: int = 2
+    # The function base image (second disk, /dev/vdb), if the VM runs functions.
+    fnbase: Path | None = None
 
     def __post_init__(self) -> None:
         if self.memory_mib <= 0 or self.cpus <= 0:
@@ -129,9 +131,17 @@ def kernel_args(spec: VmSpec) -> list[str]:
     return ["-kernel", str(spec.kernel), "-append", kernel_append(spec)]
 
 
+def drive_args(drive_id: str, path: Path) -> list[str]:
+    return ["-drive", f"file={opt_escape(path)},if=none,id={drive_id},format=raw,readonly=on",
+            "-device", f"virtio-blk-pci,drive={drive_id}"]
+
+
 def rootfs_args(spec: VmSpec) -> list[str]:
-    return ["-drive", f"file={opt_escape(spec.rootfs)},if=none,id=root,format=raw,readonly=on",
-            "-device", "virtio-blk-pci,drive=root"]
+    # Order matters: the guest finds the root on vda and the base image on vdb.
+    args = drive_args("root", spec.rootfs)
+    if spec.fnbase is not None:
+        args += drive_args("fnbase", spec.fnbase)
+    return args
 
 
 def net_args(spec: VmSpec) -> list[str]:

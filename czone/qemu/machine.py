@@ -302,8 +302,8 @@ def spec_for(name: str, run_dir: Path, kernel: Kernel, image: Image, qemu: Path,
              **extra: Any) -> VmSpec:
     """A VmSpec for our kernel and image, with Debian's firmware dirs."""
     return VmSpec(name=name, memory_mib=memory_mib, cpus=cpus, kernel=kernel.vmlinux,
-                  rootfs=image.rootfs, qemu=qemu, accel=accel, ssh_port=ssh_port,
-                  run_dir=run_dir, firmware_dirs=tuple(firmware_dirs()), **extra)
+                  rootfs=image.rootfs, fnbase=image.fnbase, qemu=qemu, accel=accel,
+                  ssh_port=ssh_port, run_dir=run_dir, firmware_dirs=tuple(firmware_dirs()), **extra)
 
 
 def own_qemu_processes(run_dir: Path) -> list[psutil.Process]:

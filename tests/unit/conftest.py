@@ -27,6 +27,7 @@ def fake_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str,
     (k / "vmlinux").write_bytes(b"\x7fELF")
     (k / "release").write_text("6.12.0-czone\n")
     (i / "rootfs.squashfs").write_bytes(b"hsqs")
+    (i / "fnbase.squashfs").write_bytes(b"hsqs")
     (i / "id_ed25519").write_text("not a key\n")
     (i / "version").write_text("test-1\n")
     qemu = tmp_path / "bin" / "qemu-system-x86_64"

@@ -1,0 +1,116 @@
+"""The guest agent's protocol, bundle and ioctl encoding, on the host (no VM)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+AGENT_DIR = Path(__file__).resolve().parents[2] / "guest-image/rootfs/usr/local/lib/czone-agent"
+sys.path.insert(0, str(AGENT_DIR))
+
+import agentd  # noqa: E402
+import bundle  # noqa: E402
+import czonedev  # noqa: E402
+from containers import AgentFault  # noqa: E402
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, ctr_id: str, fn: str, memory_mib: int) -> dict:
+        self.calls.append(("start", ctr_id, fn, memory_mib))
+        if fn == "nope":
+            raise AgentFault(2, f"unknown function {fn!r}")
+        return {"czone": 7}
+
+    def invoke(self, ctr_id: str, payload: object, timeout: float) -> dict:
+        self.calls.append(("invoke", ctr_id, payload, timeout))
+        return {"reply": {"ok": True, "result": 1}}
+
+    def kill(self, ctr_id: str) -> dict:
+        raise AgentFault(16, f"container {ctr_id!r} busy", "crun: some stderr")
+
+
+def ask(rt: FakeRuntime, req: object) -> dict:
+    line = req if isinstance(req, bytes) else json.dumps(req).encode()
+    return agentd.handle_line(rt, line)
+
+
+def test_requests_are_dispatched_with_their_arguments() -> None:
+    rt = FakeRuntime()
+    r = ask(rt, {"op": "start", "id": "c1", "fn": "matmul", "memory_mib": 128})
+    assert r["ok"] is True and r["czone"] == 7 and r["t"]["agent_ms"] >= 0
+    ask(rt, {"op": "invoke", "id": "c1", "payload": {"n": 3}, "timeout": 5})
+    assert rt.calls == [("start", "c1", "matmul", 128), ("invoke", "c1", {"n": 3}, 5)]
+
+
+@pytest.mark.parametrize("req, errno_name, text", [
+    (b"{not json", "EINVAL", "bad request"),
+    ([1, 2], "EINVAL", "a request is a JSON object"),
+    ({"op": "frobnicate"}, "EINVAL", "unknown op 'frobnicate'"),
+    ({"op": "start", "fn": "matmul", "memory_mib": 64}, "EINVAL", "'id' must be a string"),
+    ({"op": "start", "id": "c", "fn": "f", "memory_mib": -1}, "EINVAL", "non-negative"),
+    ({"op": "invoke", "id": "c", "timeout": True}, "EINVAL", "'timeout'"),
+    ({"op": "start", "id": "c", "fn": "nope", "memory_mib": 64}, "ENOENT", "unknown function"),
+])
+def test_bad_requests_get_an_errno_and_one_line(req: object, errno_name: str,
+                                               text: str) -> None:
+    r = ask(FakeRuntime(), req)
+    assert r["ok"] is False and r["errno"] == errno_name and text in r["error"]
+
+
+def test_a_fault_carries_its_detail() -> None:
+    r = ask(FakeRuntime(), {"op": "kill", "id": "c9"})
+    assert (r["errno"], r["detail"]) == ("EBUSY", "crun: some stderr")
+
+
+def test_bundle_config_isolates_and_limits() -> None:
+    cfg = bundle.config("c1", "matmul", 128, Path("/run/czone/ctr/c1"))
+    assert {n["type"] for n in cfg["linux"]["namespaces"]} == \
+        {"pid", "mount", "ipc", "uts", "network"}
+    assert cfg["linux"]["resources"]["memory"]["limit"] == 128 << 20
+    assert cfg["linux"]["cgroupsPath"] == "/czone/c1"
+    assert cfg["root"]["path"] == "/run/czone/ctr/c1/rootfs"
+    assert cfg["process"]["args"][-2:] == ["matmul", "/run/fn/fn.sock"]
+    assert all(v == [] for v in cfg["process"]["capabilities"].values())
+    binds = [m for m in cfg["mounts"] if m["type"] == "bind"]
+    assert binds == [{"destination": "/run/fn", "type": "bind",
+                      "source": "/run/czone/ctr/c1/sock",
+                      "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]}]
+
+
+def test_ids_and_function_names_cannot_escape_the_bundle_root() -> None:
+    for bad in ("../x", "a/b", "", "A", "-x", "x" * 64):
+        assert not bundle.ID_RE.fullmatch(bad)
+    assert not bundle.FN_RE.fullmatch("../etc")
+
+
+def test_ioctl_numbers_match_the_uapi_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def fake_ioctl(fd: int, request: int, buf: bytearray) -> int:
+        seen.append((request, len(buf), bytes(buf[:8])))
+        buf[8:16] = (42).to_bytes(8, "little") if request & 0xFF == 1 else buf[8:16]
+        return 0
+
+    monkeypatch.setattr(czonedev.fcntl, "ioctl", fake_ioctl)
+    monkeypatch.setattr(czonedev.os, "open", lambda *a: 3)
+    dev = czonedev.CZoneDev()
+    dev.create(4 << 20)
+    dev.destroy(5)
+    dev.stat(5)
+    dev.reclaim(5)
+    # _IOWR(0xC7, nr, size): sizes are the *_SIZE_VER0 of include/uapi/linux/czone.h.
+    assert [r for r, _, _ in seen] == [0xC018C701, 0xC030C702, 0xC068C704, 0xC030C706]
+    assert [n for _, n, _ in seen] == [24, 48, 104, 48]
+    assert seen[0][2] == (24).to_bytes(4, "little") + bytes(4)
+
+
+def test_caps_are_whole_chunks() -> None:
+    assert czonedev.cap_for(1) == 2 << 20
+    assert czonedev.cap_for(128) == 128 << 20
+    assert czonedev.cap_for(129) == 130 << 20
