@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +15,11 @@ import click
 from czone import accel as accel_mod
 from czone import artifacts
 from czone.cli_mem import vm_mem, vm_resize
+from czone.cli_run import COMMANDS
 from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient
-from czone.net import check_port_free, free_port
-from czone.qemu.cmdline import MEMORY_MODES, Accel, build_argv, qmp_socket_path
-from czone.qemu.machine import Machine, kill_strays, spec_for
+from czone.qemu.cmdline import MEMORY_MODES, Accel, build_argv
+from czone.service import Service
 from czone.state import StateDB, status, validate_name
 
 
@@ -65,6 +64,8 @@ def vm() -> None:
 
 vm.add_command(vm_resize)
 vm.add_command(vm_mem)
+for command in COMMANDS:
+    cli.add_command(command)
 
 
 @vm.command("up")
@@ -91,50 +92,26 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
           device_memory_mib: int, requested_mib: int | None, dry_run: bool) -> None:
     """Boot a VM with the CZone kernel and guest image and wait for SSH."""
     validate_name(name)
-    db = StateDB()
-    db.ensure_free(name)
-    kernel, image, qemu = artifacts.kernel(), artifacts.image(), _qemu(ctx, qemu_path)
-    if ssh_port is not None:
-        check_port_free(ssh_port)
-    port = ssh_port or free_port()
-    if dry_run:
-        accel, why = accel_mod.cached_or_tcg(kernel.release, kernel.vmlinux, qemu, db.root)
-    else:
-        accel, why = _detect_accel(kernel, image, qemu, db.root)
-    run_dir = db.vm_dir(name)
+    svc = Service(qemu=qemu_path or ctx.obj.get("qemu"), progress=lambda m: click.echo(m, err=True))
+    svc.db.ensure_free(name)
     if requested_mib is None:
         requested_mib = device_memory_mib if memory_mode == "czone" else 0
     try:
-        spec = spec_for(name, run_dir, kernel, image, qemu, accel, port, memory_mib, cpus,
-                        extra_append=extra_append, memory_mode=memory_mode,
-                        device_memory_mib=device_memory_mib, requested_mib=requested_mib)
+        spec = svc.vm_spec(name, memory_mib, cpus, ssh_port, probe=not dry_run,
+                           extra_append=extra_append, memory_mode=memory_mode,
+                           device_memory_mib=device_memory_mib, requested_mib=requested_mib)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     if dry_run:
         click.echo(shlex.join(build_argv(spec)))
         return
-
-    db.reserve_launch(name, qmp_socket=str(qmp_socket_path(run_dir)), ssh_port=port,
-                      ssh_key=str(image.ssh_key), run_dir=str(run_dir), accel=accel,
-                      memory_mib=memory_mib, cpus=cpus)
-    machine = Machine(spec, ssh_key=image.ssh_key)
-    click.echo(f"booting {name} ({accel}: {why}) ...", err=True)
-    try:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        machine.launch()
-        assert machine.pid is not None and machine.proc_start is not None
-        db.mark_up(name, machine.pid, machine.proc_start)
-        machine.wait_ssh(boot_timeout).close()
-    except BaseException:
-        machine.shutdown(timeout=3.0)
-        db.remove(name)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    machine.close()
-    click.echo(f"VM {name} is up: pid {machine.pid}, {accel}, {memory_mib} MiB, {cpus} CPU(s), "
-               f"ssh port {port}")
+    accel, why = svc.accel()
+    click.echo(f"accelerator: {accel} ({why})", err=True)
+    rec = svc.vm_up(spec, boot_timeout)
+    click.echo(f"VM {name} is up: pid {rec.pid}, {accel}, {memory_mib} MiB, {cpus} CPU(s), "
+               f"ssh port {rec.ssh_port}")
     click.echo(f"  czonectl vm ssh {name} -- uname -a")
-    click.echo(f"  ssh -i {shlex.quote(str(image.ssh_key))} -p {port} "
+    click.echo(f"  ssh -i {shlex.quote(str(rec.ssh_key))} -p {rec.ssh_port} "
                "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@127.0.0.1")
     click.echo(f"  czonectl vm down {name}")
 
@@ -184,24 +161,8 @@ def vm_ssh(ctx: click.Context, name: str, command: tuple[str, ...],
               help="Seconds per shutdown stage (QMP quit, SIGTERM, SIGKILL).")
 def vm_down(name: str, timeout: float) -> None:
     """Stop a VM and remove its record."""
-    db = StateDB()
-    rec = db.get(name)
-    st = status(rec)
-    if st == "starting":
-        raise CZoneError(f"VM {name!r} is still starting (czonectl pid {rec.pid}); "
-                         "wait for it or stop that process")
-    if st == "running":
-        machine = Machine.attach(Path(rec.run_dir), rec.pid, rec.proc_start)
-        machine.shutdown(timeout)
-        if machine.is_running():
-            raise CZoneError(f"QEMU pid {rec.pid} of VM {name!r} did not exit")
-    else:
-        # A `vm up` killed mid-launch can leave QEMU running under a dead record.
-        if strays := kill_strays(Path(rec.run_dir)):
-            click.echo(f"killed {strays} stray QEMU process(es) of VM {name}")
-    db.remove(name)
-    shutil.rmtree(rec.run_dir, ignore_errors=True)
-    click.echo(f"VM {name} {'stopped' if st == 'running' else 'was dead; record removed'}")
+    what = Service().vm_down(name, timeout)
+    click.echo(f"VM {name} {what}")
 
 
 def _qemu_version(qemu: Path) -> str:

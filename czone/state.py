@@ -15,6 +15,8 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -42,8 +44,24 @@ CREATE TABLE IF NOT EXISTS vms (
     memory_mib INTEGER NOT NULL,
     cpus INTEGER NOT NULL,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS containers (
+    id TEXT PRIMARY KEY,
+    vm TEXT NOT NULL,
+    fn TEXT NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    owner_pid INTEGER NOT NULL,
+    owner_start REAL NOT NULL,
+    czone INTEGER,
+    startup_s REAL,
+    created REAL NOT NULL
 )
 """
+# Columns added to ``vms`` after its first version: (name, SQL type and default).
+VM_COLUMNS_V2 = (("fn", "TEXT"), ("mode", "TEXT"), ("memory_mode", "TEXT NOT NULL DEFAULT 'none'"),
+                 ("device_mib", "INTEGER NOT NULL DEFAULT 0"),
+                 ("requested_mib", "INTEGER NOT NULL DEFAULT 0"))
 
 
 class UnknownVm(CZoneError):
@@ -91,6 +109,11 @@ class VmRecord:
     memory_mib: int
     cpus: int
     created: float
+    fn: str | None = None
+    mode: str | None = None
+    memory_mode: str = "none"
+    device_mib: int = 0
+    requested_mib: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,10 +155,36 @@ class StateDB:
 
     def _connect(self) -> sqlite3.Connection:
         self.root.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30.0)
+        conn = sqlite3.connect(self.path, timeout=60.0)
         conn.row_factory = sqlite3.Row
-        conn.execute(SCHEMA)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(SCHEMA)
+        have = {r[1] for r in conn.execute("PRAGMA table_info(vms)")}
+        for col, sqltype in VM_COLUMNS_V2:
+            if col not in have:
+                try:
+                    conn.execute(f"ALTER TABLE vms ADD COLUMN {col} {sqltype}")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):  # another process was first
+                        raise
         return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (BEGIN IMMEDIATE): a placement
+        decision and the records it implies are atomic across processes."""
+        conn = self._connect()
+        conn.isolation_level = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         conn = self._connect()
@@ -200,3 +249,76 @@ class StateDB:
 
     def remove(self, name: str) -> None:
         self._query("DELETE FROM vms WHERE name=?", (name,))
+
+    def set_vm(self, name: str, **values: Any) -> None:
+        sets = ", ".join(f"{k}=?" for k in values)
+        self._query(f"UPDATE vms SET {sets} WHERE name=?", (*values.values(), name))
+
+    def ctrs(self) -> list[CtrRecord]:
+        return [CtrRecord(**dict(r))
+                for r in self._query("SELECT * FROM containers ORDER BY created")]
+
+    def ctr(self, ctr_id: str) -> CtrRecord:
+        rows = self._query("SELECT * FROM containers WHERE id=?", (ctr_id,))
+        if not rows:
+            raise UnknownContainer(f"no container {ctr_id!r} (`czonectl ps` lists them)")
+        return CtrRecord(**dict(rows[0]))
+
+    def set_ctr(self, ctr_id: str, **values: Any) -> None:
+        sets = ", ".join(f"{k}=?" for k in values)
+        self._query(f"UPDATE containers SET {sets} WHERE id=?", (*values.values(), ctr_id))
+
+    def remove_ctr(self, ctr_id: str) -> None:
+        self._query("DELETE FROM containers WHERE id=?", (ctr_id,))
+
+
+CtrState = Literal["starting", "running", "stopping", "lost"]
+
+
+@dataclass
+class CtrRecord:
+    """A function container.  ``owner_*`` is the czonectl process that is
+    starting or stopping it; a dead owner means the operation was cut short."""
+
+    id: str
+    vm: str
+    fn: str
+    memory_mib: int
+    state: str
+    owner_pid: int
+    owner_start: float
+    czone: int | None
+    startup_s: float | None
+    created: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def owner_alive(self) -> bool:
+        return pid_matches(self.owner_pid, self.owner_start)
+
+
+class UnknownContainer(CZoneError):
+    pass
+
+
+def ctr_insert(conn: sqlite3.Connection, rec: CtrRecord) -> None:
+    cols = [f.name for f in fields(CtrRecord)]
+    conn.execute(f"INSERT INTO containers ({','.join(cols)}) VALUES "
+                 f"({','.join('?' * len(cols))})", tuple(getattr(rec, c) for c in cols))
+
+
+def vm_insert(conn: sqlite3.Connection, rec: VmRecord) -> None:
+    validate_name(rec.name)
+    cols = [f.name for f in fields(VmRecord)]
+    conn.execute(f"INSERT INTO vms ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                 tuple(getattr(rec, c) for c in cols))
+
+
+def vms_in(conn: sqlite3.Connection) -> list[VmRecord]:
+    return [VmRecord(**dict(r)) for r in conn.execute("SELECT * FROM vms ORDER BY created")]
+
+
+def ctrs_in(conn: sqlite3.Connection) -> list[CtrRecord]:
+    return [CtrRecord(**dict(r))
+            for r in conn.execute("SELECT * FROM containers ORDER BY created")]

@@ -175,6 +175,16 @@ class SSHClient:
                            f"{cmd!r}: {type(e).__name__}: {e}") from e
         return chan
 
+    def forward(self, port: int, timeout: float = 10.0) -> paramiko.Channel:
+        """A ``direct-tcpip`` channel to ``127.0.0.1:port`` in the guest."""
+        try:
+            return self._transport().open_channel(
+                "direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=timeout)
+        except NET_ERRORS as e:
+            self.close()
+            raise SshError(f"SSH forward to guest port {port} via {self.host}:{self.port} "
+                           f"failed: {type(e).__name__}: {e}") from e
+
     def put(self, data: bytes, path: str, mode: str = "0755") -> None:
         """Write ``data`` to ``path`` in the guest (the image has no SFTP server)."""
         chan = self.session(f"cat > {path} && chmod {mode} {path}")

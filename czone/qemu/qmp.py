@@ -72,6 +72,11 @@ def set_requested_size(vm: Machine, dev_id: str, nbytes: int) -> None:
     vm.qmp("qom-set", path=peripheral(dev_id), property="requested-size", value=nbytes)
 
 
+def requested_size(vm: Machine, dev_id: str) -> int:
+    """Bytes the host currently lets the guest plug."""
+    return int(vm.qmp("qom-get", path=peripheral(dev_id), property="requested-size"))
+
+
 def device_size(vm: Machine, dev_id: str) -> int:
     """Bytes the guest has plugged."""
     return int(vm.qmp("qom-get", path=peripheral(dev_id), property="size"))
@@ -123,5 +128,5 @@ def wait_balloon(vm: Machine, nbytes: int, timeout: float, poll: float = 0.05) -
 
 
 __all__ = ["QmpSession", "QmpTimeout", "QMPError", "balloon_actual", "balloon_target",
-           "czone_stats", "device_size", "peripheral", "set_requested_size", "wait_balloon",
-           "wait_size"]
+           "czone_stats", "device_size", "peripheral", "requested_size", "set_requested_size",
+           "wait_balloon", "wait_size"]

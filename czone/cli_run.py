@@ -1,0 +1,159 @@
+"""``czonectl fn list | run | invoke | ps | kill | reclaim | stats``: function
+containers, a thin skin over ``czone.service``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from czone.functions import FUNCTIONS
+from czone.hostmem import MiB
+from czone.service import RUN_MODES, Service
+
+
+def _svc(ctx: click.Context) -> Service:
+    """One Service per command, closed when the command ends."""
+    svc = Service(qemu=ctx.obj.get("qemu"), progress=lambda m: click.echo(m, err=True))
+    ctx.call_on_close(svc.close)
+    return svc
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _payload(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint="PAYLOAD") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("a payload is a JSON object", param_hint="PAYLOAD")
+    return value
+
+
+@click.group("fn")
+def fn() -> None:
+    """The functions containers can serve."""
+
+
+@fn.command("list")
+def fn_list() -> None:
+    """List the known functions and their default memory caps."""
+    _table([("FUNCTION", "MEMORY", "DOES")]
+           + [(name, f"{mib}M", what) for name, (mib, what) in FUNCTIONS.items()])
+
+
+@click.command("run")
+@click.argument("function")
+@click.option("--mode", type=click.Choice(RUN_MODES), default="mcpv", show_default=True,
+              help="mcpv: into the function's VM; scpv: a VM of its own.")
+@click.option("--memory", "memory_mib", type=click.IntRange(16, 64 << 10),
+              help="Memory cap in MiB (default: the function's).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def run(ctx: click.Context, function: str, mode: str, memory_mib: int | None,
+        as_json: bool) -> None:
+    """Start a container of FUNCTION; print its ID and startup latency."""
+    res = _svc(ctx).run(function, mode, memory_mib)  # type: ignore[arg-type]
+    if as_json:
+        click.echo(json.dumps(res.__dict__, indent=2))
+        return
+    click.echo(f"{res.id}  started in {res.startup_s * 1000:.0f} ms "
+               f"(VM {res.vm}{', booted' if res.booted else ''}, CZone {res.czone})")
+
+
+@click.command("invoke")
+@click.argument("ctr_id", metavar="ID")
+@click.argument("payload", required=False)
+@click.option("--timeout", type=click.FloatRange(min=0.1), help="Seconds for the function.")
+@click.pass_context
+def invoke(ctx: click.Context, ctr_id: str, payload: str | None, timeout: float | None) -> None:
+    """Invoke container ID with a JSON PAYLOAD (default: the function's)."""
+    reply, latency = _svc(ctx).invoke(ctr_id, _payload(payload), timeout)
+    if reply.get("ok"):
+        click.echo(json.dumps(reply.get("result")))
+        click.echo(f"latency {latency * 1000:.1f} ms (function {reply.get('run_ms', 0):.1f} ms)",
+                   err=True)
+        return
+    click.echo(f"czonectl: the function failed: {reply.get('error')}", err=True)
+    ctx.exit(3)
+
+
+@click.command("ps")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def ps(ctx: click.Context, as_json: bool) -> None:
+    """List the containers."""
+    ctrs = _svc(ctx).ps()
+    if as_json:
+        click.echo(json.dumps(ctrs, indent=2))
+        return
+    rows = [("ID", "FUNCTION", "VM", "STATE", "CZONE", "MEMORY", "STARTUP")]
+    rows += [(c["id"], c["fn"], c["vm"], c["state"], str(c["czone"] or "-"),
+              f"{c['memory_mib']}M",
+              f"{c['startup_s'] * 1000:.0f} ms" if c["startup_s"] else "-") for c in ctrs]
+    _table(rows)
+
+
+@click.command("kill")
+@click.argument("ctr_id", metavar="ID")
+@click.pass_context
+def kill(ctx: click.Context, ctr_id: str) -> None:
+    """Stop container ID, destroy its CZone, report the memory back on the host."""
+    res = _svc(ctx).kill(ctr_id)
+    if res.returned_bytes is None:
+        click.echo(f"{ctr_id}: record removed (its VM {res.vm} is gone)")
+        return
+    g = res.guest
+    detail = (f" ({g.get('released_chunks', 0)} chunks released, "
+              f"{g.get('migrated_pages', 0)} pages migrated)" if g else " (its VM stopped)")
+    click.echo(f"{ctr_id}: killed; {res.returned_bytes / MiB:.1f} MiB back to the host{detail}")
+
+
+@click.command("reclaim")
+@click.option("--idle-for", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Only containers idle for at least this many seconds.")
+@click.pass_context
+def reclaim(ctx: click.Context, idle_for: float) -> None:
+    """Idle reclaim: free memory of idle containers goes back to the host."""
+    out = _svc(ctx).reclaim(idle_for)
+    if not out:
+        click.echo("no MCPV VM is running")
+    for vm, r in out.items():
+        click.echo(f"{vm}: {len(r['containers'])} container(s), {r['discarded_pages']} pages "
+                   f"discarded, {r['released_chunks']} chunks released, host RSS "
+                   f"-{r['rss_drop_bytes'] / MiB:.1f} MiB")
+
+
+@click.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Host RSS and PSS per VM, and per-CZone guest counters."""
+    out = _svc(ctx).stats()
+    if as_json:
+        json.dump(out, sys.stdout, indent=2)
+        click.echo()
+        return
+    for vm, s in out.items():
+        plugged = "-" if s["plugged_bytes"] is None else f"{s['plugged_bytes'] / MiB:.0f}M"
+        click.echo(f"{vm} ({s['mode']}, {s['fn']}): RSS {s['rss_bytes'] / MiB:.0f}M, "
+                   f"PSS {s['pss_bytes'] / MiB:.0f}M, plugged {plugged} of "
+                   f"{s['requested_mib']}M requested")
+        for cid, c in s["containers"].items():
+            st = c.get("czone_stat", {})
+            used = st.get("used_pages", 0) * 4096
+            click.echo(f"  {cid}: CZone {c['czone']}, {st.get('nr_chunks', 0)} chunks, "
+                       f"{used / MiB:.1f}M used, {c['invocations']} invocation(s), "
+                       f"idle {c['idle_s']:.0f}s")
+
+
+COMMANDS = (fn, run, invoke, ps, kill, reclaim, stats)

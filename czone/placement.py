@@ -1,0 +1,72 @@
+"""Where a new container goes: a pure policy over a snapshot of the VMs.
+
+MCPV (one VM per function, many containers in it):
+  1. the function's VM that already has room (requested size minus what its
+     containers may use) takes it;
+  2. otherwise a VM of the function grows: its requested size goes up, in
+     whole device blocks, within the device's maximum;
+  3. otherwise a new VM boots.
+SCPV (the baselines): every container gets a VM of its own.
+
+Memory is counted by the containers' caps, not their current use: a cap is
+what a container may grow to, and the device must be able to back it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from czone.errors import CZoneError
+
+Mode = Literal["mcpv", "scpv-template", "scpv-snapshot"]
+MODES: tuple[Mode, ...] = ("mcpv", "scpv-template", "scpv-snapshot")
+
+
+class NoFit(CZoneError):
+    pass
+
+
+@dataclass(frozen=True)
+class VmView:
+    name: str
+    fn: str
+    mode: Mode
+    requested_mib: int
+    max_mib: int
+    placed_mib: int
+    usable: bool = True  # False: dead or being torn down
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Literal["place", "grow", "boot"]
+    vm: str | None = None
+    # The VM's requested size after the decision (grow and boot).
+    requested_mib: int = 0
+
+
+def round_up(mib: int, block_mib: int) -> int:
+    return -(-mib // block_mib) * block_mib
+
+
+def place(fn: str, memory_mib: int, mode: Mode, vms: Iterable[VmView], max_mib: int,
+          block_mib: int) -> Decision:
+    """The decision for one container of ``fn`` with cap ``memory_mib``."""
+    if memory_mib <= 0:
+        raise NoFit(f"memory must be positive, not {memory_mib} MiB")
+    if memory_mib > max_mib:
+        raise NoFit(f"{memory_mib} MiB is more than a VM can hold ({max_mib} MiB)")
+    if mode != "mcpv":
+        return Decision("boot", requested_mib=round_up(memory_mib, block_mib))
+    mine = sorted((v for v in vms if v.usable and v.fn == fn and v.mode == "mcpv"),
+                  key=lambda v: v.name)
+    for vm in mine:
+        if vm.placed_mib + memory_mib <= vm.requested_mib:
+            return Decision("place", vm.name, vm.requested_mib)
+    for vm in mine:
+        want = round_up(vm.placed_mib + memory_mib, block_mib)
+        if want <= vm.max_mib:
+            return Decision("grow", vm.name, max(want, vm.requested_mib))
+    return Decision("boot", requested_mib=round_up(memory_mib, block_mib))

@@ -1,0 +1,508 @@
+"""The service layer: the only code that boots, reuses and stops VMs and
+function containers.  The CLI, the demo, the benchmarks and the tests call it.
+
+Durable state is the SQLite store (``czone.state``): a VM or container record
+is written *before* the slow work it describes, with the pid of the
+``czonectl`` process that owns that work.  A record whose owner died in the
+middle is repaired by ``reconcile()`` against the real QEMU processes and the
+guest agents' lists, which every command runs first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from czone import accel as accel_mod
+from czone import artifacts, hostmem
+from czone.errors import CZoneError
+from czone.functions import FUNCTIONS, memory_for
+from czone.guest.runtime import AGENT_MARKER, AgentError, AgentLost, RuntimeAgent
+from czone.guest.ssh import SSHClient, SshError
+from czone.net import check_port_free, free_port
+from czone.placement import Mode, NoFit, VmView, place, round_up
+from czone.qemu import qmp
+from czone.qemu.cmdline import LINUX_MEMORY_BLOCK_MIB, MEMORY_DEVICE_ID, VmSpec, qmp_socket_path
+from czone.qemu.machine import Machine, kill_strays, spec_for
+from czone.state import (
+    CtrRecord,
+    StateDB,
+    VmRecord,
+    ctr_insert,
+    ctrs_in,
+    live_process,
+    process_start,
+    status,
+    vm_insert,
+    vms_in,
+)
+
+# Modes `run` offers today; the template and snapshot baselines come next.
+RUN_MODES: tuple[Mode, ...] = ("mcpv", "scpv")
+# An MCPV VM: boot memory for the guest OS and agent, and the CZone device's
+# maximum, which bounds how far placement may grow it.
+VM_BOOT_MIB = 512
+MCPV_DEVICE_MIB = 4096
+BLOCK_MIB = 2
+BOOT_TIMEOUT = 180.0
+WAIT_VM_TIMEOUT = 300.0
+DEVICE = MEMORY_DEVICE_ID["czone"]
+
+Progress = Callable[[str], None]
+
+
+class ServiceError(CZoneError):
+    pass
+
+
+@dataclass
+class RunResult:
+    id: str
+    vm: str
+    fn: str
+    czone: int
+    startup_s: float
+    booted: bool
+    guest: dict[str, Any] = field(default_factory=dict)
+    warmup: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class KillResult:
+    id: str
+    vm: str
+    returned_bytes: int | None
+    guest: dict[str, Any] = field(default_factory=dict)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix[:20].replace('_', '-')}-{secrets.token_hex(3)}"
+
+
+class Service:
+    def __init__(self, db: StateDB | None = None, qemu: str | os.PathLike | None = None,
+                 progress: Progress | None = None, cpus: int = 1):
+        self.db = db or StateDB()
+        self._qemu_override = qemu
+        self.progress: Progress = progress or (lambda _msg: None)
+        self.cpus = cpus
+        self._agents: dict[str, tuple[SSHClient, RuntimeAgent]] = {}
+        self._accel: tuple[str, str] | None = None
+
+    # -- artifacts ---------------------------------------------------------
+
+    @functools.cached_property
+    def builds(self) -> tuple[artifacts.Kernel, artifacts.Image, Path]:
+        """Resolved once per Service, so that a rebuild meanwhile cannot mix builds."""
+        return artifacts.kernel(), artifacts.image(), artifacts.qemu_binary(self._qemu_override)
+
+    def accel(self, probe: bool = True) -> tuple[str, str]:
+        if self._accel is not None:
+            return self._accel
+        kernel, image, qemu = self.builds
+        if not probe:
+            return accel_mod.cached_or_tcg(kernel.release, kernel.vmlinux, qemu, self.db.root)
+        if accel_mod.will_probe(kernel.release, kernel.vmlinux, qemu, self.db.root):
+            self.progress(f"probing KVM with a test boot (up to {accel_mod.PROBE_TIMEOUT:.0f}s)")
+        self._accel = accel_mod.detect(kernel.release, kernel.vmlinux, image.rootfs, qemu,
+                                       tuple(artifacts.firmware_dirs()), self.db.root)
+        return self._accel
+
+    # -- VMs -----------------------------------------------------------------
+
+    def vm_spec(self, name: str, memory_mib: int = VM_BOOT_MIB, cpus: int | None = None,
+                ssh_port: int | None = None, probe: bool = True, **extra: Any) -> VmSpec:
+        """The spec of VM ``name`` on the current builds (ValueError if invalid)."""
+        kernel, image, qemu = self.builds
+        accel, _ = self.accel(probe)
+        if ssh_port is not None:
+            check_port_free(ssh_port)
+        return spec_for(name, self.db.vm_dir(name), kernel, image, qemu, accel,  # type: ignore[arg-type]
+                        ssh_port or free_port(), memory_mib, cpus or self.cpus, **extra)
+
+    def vm_up(self, spec: VmSpec, boot_timeout: float = BOOT_TIMEOUT,
+              fn: str | None = None, mode: str | None = None) -> VmRecord:
+        """Reserve ``spec.name``, boot it and wait for SSH (and the agent)."""
+        self.db.ensure_free(spec.name)
+        rec = self.db.reserve_launch(
+            spec.name, qmp_socket=str(qmp_socket_path(spec.run_dir)), ssh_port=spec.ssh_port,
+            ssh_key=str(self.builds[1].ssh_key), run_dir=str(spec.run_dir), accel=spec.accel,
+            memory_mib=spec.memory_mib, cpus=spec.cpus, fn=fn, mode=mode,
+            memory_mode=spec.memory_mode, device_mib=spec.device_memory_mib,
+            requested_mib=spec.requested_mib)
+        self._boot(spec, boot_timeout)
+        return self.db.get(rec.name)
+
+    def _boot(self, spec: VmSpec, boot_timeout: float = BOOT_TIMEOUT) -> None:
+        """Boot the VM whose record this process reserved, and mark it up once
+        SSH and the agent answer; on failure, stop QEMU and remove the record.
+
+        The record stays ``starting`` (owned by this process) until then, so
+        other processes wait for it, and a boot cut short is found by
+        ``reconcile`` and its QEMU killed.
+        """
+        machine = Machine(spec, ssh_key=self.builds[1].ssh_key)
+        self.progress(f"booting {spec.name} ({spec.accel}, {spec.memory_mib} MiB"
+                      + (f", {spec.memory_mode} device up to {spec.device_memory_mib} MiB"
+                         if spec.memory_mode != "none" else "") + ")")
+        t0 = time.monotonic()
+        try:
+            shutil.rmtree(spec.run_dir, ignore_errors=True)
+            machine.launch()
+            machine.wait_ssh(boot_timeout).close()
+            if spec.fnbase is not None:
+                machine.wait_for_console(AGENT_MARKER, boot_timeout)
+            pid, start = machine.pid, machine.proc_start
+            if pid is None or start is None:
+                raise ServiceError(f"QEMU of {spec.name} exited during boot")
+            # One QMP client at a time: let go before others may connect.
+            machine.close()
+            self.db.mark_up(spec.name, pid, start)
+        except BaseException:
+            machine.shutdown(timeout=3.0)
+            self.db.remove(spec.name)
+            shutil.rmtree(spec.run_dir, ignore_errors=True)
+            raise
+        self.progress(f"{spec.name} is up after {time.monotonic() - t0:.1f}s")
+
+    def machine(self, rec: VmRecord) -> Machine:
+        return Machine.attach(Path(rec.run_dir), rec.pid, rec.proc_start, rec.ssh_port,
+                              Path(rec.ssh_key) if rec.ssh_key else None)
+
+    def vm_down(self, name: str, timeout: float = 10.0) -> str:
+        """Stop VM ``name``, forget it and its containers; says what happened."""
+        rec = self.db.get(name)
+        st = status(rec)
+        if st == "starting":
+            raise ServiceError(f"VM {name!r} is still starting (czonectl pid {rec.pid}); "
+                               "wait for it or stop that process")
+        self._drop_agent(name)
+        if st == "running":
+            machine = self.machine(rec)
+            machine.shutdown(timeout)
+            if machine.is_running():
+                raise ServiceError(f"QEMU pid {rec.pid} of VM {name!r} did not exit")
+            what = "stopped"
+        else:
+            # A launch killed midway can leave QEMU running under a dead record.
+            strays = kill_strays(Path(rec.run_dir))
+            what = "was dead; record removed" + (
+                f" (killed {strays} stray QEMU process(es))" if strays else "")
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM containers WHERE vm=?", (name,))
+            conn.execute("DELETE FROM vms WHERE name=?", (name,))
+        shutil.rmtree(rec.run_dir, ignore_errors=True)
+        return what
+
+    # -- the agent in a VM ---------------------------------------------------
+
+    def agent(self, vm: str) -> RuntimeAgent:
+        """This process's connection to ``vm``'s agent (opened once, reused)."""
+        if vm in self._agents:
+            return self._agents[vm][1]
+        rec = self.db.running(vm)
+        if rec.ssh_port is None or rec.ssh_key is None:
+            raise ServiceError(f"VM {vm!r} has no SSH forward")
+        ssh = SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key))
+        try:
+            ssh.connect(timeout=30.0)
+            agent = RuntimeAgent(ssh)
+            agent.hello()
+        except BaseException:
+            ssh.close()
+            raise
+        self._agents[vm] = (ssh, agent)
+        return agent
+
+    def _drop_agent(self, vm: str) -> None:
+        ssh_agent = self._agents.pop(vm, None)
+        if ssh_agent:
+            ssh_agent[1].close()
+            ssh_agent[0].close()
+
+    def _ask(self, vm: str, op: Callable[[RuntimeAgent], Any], retry: bool = True) -> Any:
+        """``op`` on ``vm``'s agent; a dropped connection is reopened once."""
+        try:
+            return op(self.agent(vm))
+        except (AgentLost, SshError) as e:
+            self._drop_agent(vm)
+            if not retry or status(self.db.get(vm)) != "running":
+                raise ServiceError(f"VM {vm!r}: {e}") from None
+        try:
+            return op(self.agent(vm))
+        except (AgentLost, SshError) as e:
+            self._drop_agent(vm)
+            raise ServiceError(f"VM {vm!r}: agent unreachable after a retry: {e}") from None
+
+    def close(self) -> None:
+        for vm in list(self._agents):
+            self._drop_agent(vm)
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- containers ----------------------------------------------------------
+
+    def run(self, fn: str, mode: Mode = "mcpv", memory_mib: int | None = None,
+            payload: Any = None) -> RunResult:
+        """Start a container of ``fn``; its startup latency runs from this call
+        to the first answer of a warm-up invocation."""
+        t0 = time.monotonic()
+        if fn not in FUNCTIONS:
+            raise ServiceError(f"unknown function {fn!r} (known: {', '.join(FUNCTIONS)})")
+        if mode not in RUN_MODES:
+            raise ServiceError(f"mode {mode!r} is not available (use one of "
+                               f"{', '.join(RUN_MODES)})")
+        memory_mib = memory_mib or memory_for(fn)
+        self.accel()  # a first-time KVM probe must not run under the store's lock
+        self.reconcile()
+        ctr_id, vm, boot_spec = self._place(fn, mode, memory_mib)
+        booted = boot_spec is not None
+        try:
+            if boot_spec is not None:
+                self._boot(boot_spec)
+            else:
+                self._wait_up(vm)
+            self._apply_requested(vm)
+            guest = self._ask(vm, lambda a: a.start(ctr_id, fn, memory_mib), retry=False)
+            warm = self._ask(vm, lambda a: a.invoke(ctr_id, payload))
+        except BaseException:
+            self._forget_failed(ctr_id, vm)
+            raise
+        startup = time.monotonic() - t0
+        self.db.set_ctr(ctr_id, state="running", czone=guest["czone"], startup_s=startup)
+        if not warm.get("ok"):
+            self.progress(f"warning: the warm-up invocation of {ctr_id} failed: "
+                          f"{warm.get('error')}")
+        return RunResult(ctr_id, vm, fn, guest["czone"], startup, booted, guest, warm)
+
+    def _place(self, fn: str, mode: Mode, memory_mib: int) -> tuple[str, str, VmSpec | None]:
+        """Decide and record, atomically: the container's record, and the new
+        VM's record or the grown VM's requested size."""
+        me = os.getpid()
+        spec = None
+        with self.db.transaction() as conn:
+            vms, ctrs = vms_in(conn), ctrs_in(conn)
+            views = [VmView(v.name, v.fn, v.mode, v.requested_mib, v.device_mib,  # type: ignore[arg-type]
+                            sum(c.memory_mib for c in ctrs if c.vm == v.name
+                                and c.state != "lost"),
+                            status(v) != "dead")
+                     for v in vms if v.fn]
+            max_mib = MCPV_DEVICE_MIB if mode == "mcpv" else \
+                round_up(memory_mib, LINUX_MEMORY_BLOCK_MIB)
+            try:
+                d = place(fn, memory_mib, mode, views, max_mib, BLOCK_MIB)
+            except NoFit as e:
+                raise ServiceError(str(e)) from None
+            if d.action == "boot":
+                name = _new_id(f"{mode}-{fn}")
+                spec = self.vm_spec(name, memory_mode="czone", device_memory_mib=max_mib,
+                                    requested_mib=d.requested_mib)
+                rec = VmRecord(name=name, state="starting", pid=me, proc_start=process_start(me),
+                               qmp_socket=str(qmp_socket_path(spec.run_dir)),
+                               ssh_port=spec.ssh_port, ssh_key=str(self.builds[1].ssh_key),
+                               run_dir=str(spec.run_dir), accel=spec.accel,
+                               memory_mib=spec.memory_mib, cpus=spec.cpus, created=time.time(),
+                               fn=fn, mode=mode, memory_mode="czone", device_mib=max_mib,
+                               requested_mib=d.requested_mib)
+                vm_insert(conn, rec)
+            else:
+                name = d.vm or ""
+                conn.execute("UPDATE vms SET requested_mib=? WHERE name=?",
+                             (d.requested_mib, name))
+            ctr_id = _new_id(fn)
+            ctr_insert(conn, CtrRecord(ctr_id, name, fn, memory_mib, "starting", me,
+                                       process_start(me), None, None, time.time()))
+        return ctr_id, name, spec
+
+    def _wait_up(self, vm: str, timeout: float = WAIT_VM_TIMEOUT) -> None:
+        """Wait for a VM that another process is booting (its record is the
+        only thing two czonectl processes share, so this polls it)."""
+        deadline = time.monotonic() + timeout
+        said = False
+        while (st := status(self.db.get(vm))) == "starting":
+            if time.monotonic() > deadline:
+                raise ServiceError(f"VM {vm!r} still booting after {timeout:.0f}s")
+            if not said:
+                self.progress(f"waiting for {vm}, which another czonectl is booting")
+                said = True
+            time.sleep(0.2)
+        if st == "dead":
+            raise ServiceError(f"VM {vm!r} died while another czonectl was booting it")
+
+    def _apply_requested(self, vm: str) -> None:
+        """Set the device's requested size to the record's, under the store's
+        lock: concurrent growers can never lower it."""
+        with self.db.transaction() as conn:
+            rec = next(v for v in vms_in(conn) if v.name == vm)
+            machine = self.machine(rec)
+            try:
+                current = qmp.requested_size(machine, DEVICE)
+                if current != rec.requested_mib << 20:
+                    qmp.set_requested_size(machine, DEVICE, rec.requested_mib << 20)
+            finally:
+                machine.close()
+
+    def _forget_failed(self, ctr_id: str, vm: str) -> None:
+        """A start that failed: the agent left nothing behind in the guest; the
+        VM stays for the next container."""
+        self.db.remove_ctr(ctr_id)
+
+    def _owned(self, ctr_id: str) -> CtrRecord:
+        rec = self.db.ctr(ctr_id)
+        if rec.state == "lost":
+            raise ServiceError(f"container {ctr_id!r} is lost (its VM {rec.vm!r} died); "
+                               f"`czonectl kill {ctr_id}` removes the record")
+        if rec.state != "running":
+            raise ServiceError(f"container {ctr_id!r} is {rec.state}")
+        return rec
+
+    def invoke(self, ctr_id: str, payload: Any = None,
+               timeout: float | None = None) -> tuple[dict[str, Any], float]:
+        """The function's answer, and the host-side latency in seconds."""
+        self.reconcile()
+        rec = self._owned(ctr_id)
+        t0 = time.monotonic()
+        reply = self._ask(rec.vm, lambda a: a.invoke(ctr_id, payload, timeout))
+        return reply, time.monotonic() - t0
+
+    def kill(self, ctr_id: str) -> KillResult:
+        """Stop the container and destroy its CZone; SCPV stops its VM.  The
+        bytes returned are the drop of the QEMU process's RSS."""
+        self.reconcile()
+        rec = self.db.ctr(ctr_id)
+        vm = self.db.get(rec.vm) if rec.vm in {v.name for v in self.db.list()} else None
+        if rec.state == "lost" or vm is None or status(vm) != "running":
+            self.db.remove_ctr(ctr_id)
+            return KillResult(ctr_id, rec.vm, None)
+        me = os.getpid()
+        self.db.set_ctr(ctr_id, state="stopping", owner_pid=me, owner_start=process_start(me))
+        before = hostmem.stable_rss(vm.pid)
+        if vm.mode != "mcpv":
+            self.vm_down(vm.name)
+            return KillResult(ctr_id, vm.name, before)
+        with hostmem.RssWatch(vm.pid) as watch:
+            t0 = time.monotonic()
+            guest = self._ask(vm.name, lambda a: self._kill_in_guest(a, ctr_id))
+            rss_before, rss_after, _ = watch.finish(t0)
+        self.db.remove_ctr(ctr_id)
+        return KillResult(ctr_id, vm.name, max(0, before - rss_after), guest)
+
+    @staticmethod
+    def _kill_in_guest(agent: RuntimeAgent, ctr_id: str) -> dict[str, Any]:
+        try:
+            return agent.kill(ctr_id)
+        except AgentError as e:
+            if e.errno_name == "ENOENT":  # already gone (a retried kill)
+                return {}
+            raise
+
+    def ps(self) -> list[dict[str, Any]]:
+        self.reconcile()
+        return [r.to_dict() for r in self.db.ctrs()]
+
+    def running_vms(self, mode: str | None = "mcpv") -> Iterator[VmRecord]:
+        for v in self.db.list():
+            if v.fn and status(v) == "running" and (mode is None or v.mode == mode):
+                yield v
+
+    def reclaim(self, idle_for: float = 0.0) -> dict[str, Any]:
+        """Idle reclaim in every MCPV VM: free host-backed pages of containers
+        idle for ``idle_for`` seconds go back to the host."""
+        self.reconcile()
+        out = {}
+        for vm in self.running_vms():
+            before = hostmem.stable_rss(vm.pid)
+            res = self._ask(vm.name, lambda a: a.reclaim(None, idle_for))
+            after = hostmem.stable_rss(vm.pid)
+            pages = sum(r.get("discarded_pages", 0) for r in res.values())
+            chunks = sum(r.get("released_chunks", 0) for r in res.values())
+            out[vm.name] = {"containers": res, "discarded_pages": pages,
+                            "released_chunks": chunks, "rss_drop_bytes": before - after}
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Per VM: host RSS and PSS, the device's plugged size, and the agent's
+        per-container counters."""
+        self.reconcile()
+        out = {}
+        for vm in self.running_vms(mode=None):
+            machine = self.machine(vm)
+            try:
+                plugged = qmp.device_size(machine, DEVICE) if vm.memory_mode == "czone" else None
+            finally:
+                machine.close()
+            out[vm.name] = {"fn": vm.fn, "mode": vm.mode, "pid": vm.pid,
+                            "rss_bytes": hostmem.rss_bytes(vm.pid),
+                            "pss_bytes": hostmem.pss_bytes(vm.pid),
+                            "plugged_bytes": plugged, "requested_mib": vm.requested_mib,
+                            "containers": self._ask(vm.name, lambda a: a.stats())}
+        return out
+
+    # -- recovery ------------------------------------------------------------
+
+    def reconcile(self) -> list[str]:
+        """Repair records left by a czonectl that died midway; says what it did.
+
+        - a container whose VM is dead is *lost*;
+        - a VM record still ``starting`` whose owner died: its QEMU (if any)
+          is killed and its containers are lost;
+        - a container ``starting`` or ``stopping`` whose owner died is settled
+          by the agent's list: running there -> running (or killed, if it
+          was being stopped); absent -> lost or removed.
+        """
+        done: list[str] = []
+        for vm in self.db.list():
+            if vm.state == "starting" and live_process(vm.pid, vm.proc_start) is None:
+                strays = kill_strays(Path(vm.run_dir))
+                self.db.set_vm(vm.name, state="dead")
+                done.append(f"VM {vm.name}: its boot was cut short; "
+                            f"{strays} QEMU process(es) killed")
+        vms = {v.name: v for v in self.db.list()}
+        pending: dict[str, list[CtrRecord]] = {}
+        for c in self.db.ctrs():
+            vm = vms.get(c.vm)
+            if c.state != "lost" and (vm is None or status(vm) == "dead"):
+                self.db.set_ctr(c.id, state="lost")
+                done.append(f"container {c.id}: lost with VM {c.vm}")
+            elif c.state in ("starting", "stopping") and not c.owner_alive():
+                pending.setdefault(c.vm, []).append(c)
+        for vm_name, ctrs in pending.items():
+            try:
+                listed = {c["id"]: c for c in self._ask(vm_name, lambda a: a.list())}
+            except CZoneError as e:
+                done.append(f"VM {vm_name}: cannot reach the agent to reconcile: {e}")
+                continue
+            for c in ctrs:
+                here = listed.get(c.id, {}).get("state") == "running"
+                if c.state == "stopping" or not here:
+                    if c.id in listed:
+                        self._ask(vm_name, lambda a, i=c.id: self._kill_in_guest(a, i))
+                    self.db.remove_ctr(c.id) if c.state == "stopping" else \
+                        self.db.set_ctr(c.id, state="lost")
+                    done.append(f"container {c.id}: {c.state} cut short; "
+                                + ("finished the kill" if c.state == "stopping"
+                                   else "it never started (lost)"))
+                else:
+                    self.db.set_ctr(c.id, state="running", czone=listed[c.id]["czone"])
+                    done.append(f"container {c.id}: start cut short, found running")
+        for line in done:
+            self.progress(f"reconcile: {line}")
+        return done
+
+
+@contextmanager
+def service(**kw: Any) -> Iterator[Service]:
+    with Service(**kw) as svc:
+        yield svc
