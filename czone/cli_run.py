@@ -54,7 +54,8 @@ def fn_list() -> None:
 @click.command("run")
 @click.argument("function")
 @click.option("--mode", type=click.Choice(RUN_MODES), default="mcpv", show_default=True,
-              help="mcpv: into the function's VM; scpv: a VM of its own.")
+              help="mcpv: into the function's VM; scpv-template: a clone of a booted "
+                   "template VM; scpv-snapshot: a clone of a VM already serving FUNCTION.")
 @click.option("--memory", "memory_mib", type=click.IntRange(16, 64 << 10),
               help="Memory cap in MiB (default: the function's).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

@@ -10,6 +10,7 @@ guest agents' lists, which every command runs first.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import secrets
@@ -17,12 +18,12 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from czone import accel as accel_mod
-from czone import artifacts, hostmem
+from czone import artifacts, hostmem, template
 from czone.errors import CZoneError
 from czone.functions import FUNCTIONS, memory_for
 from czone.guest.runtime import AGENT_MARKER, AgentError, AgentLost, RuntimeAgent
@@ -45,8 +46,10 @@ from czone.state import (
     vms_in,
 )
 
-# Modes `run` offers today; the template and snapshot baselines come next.
-RUN_MODES: tuple[Mode, ...] = ("mcpv", "scpv")
+RUN_MODES: tuple[Mode, ...] = ("mcpv", "scpv-template", "scpv-snapshot")
+# ZONE_MOVABLE beyond the container's cap in an SCPV VM: page cache and the
+# agent share the zone, and a chunk needs a whole free 2 MiB pageblock.
+SCPV_MOVABLE_SLACK_MIB = 64
 # An MCPV VM: boot memory for the guest OS and agent, and the CZone device's
 # maximum, which bounds how far placement may grow it.
 VM_BOOT_MIB = 512
@@ -81,6 +84,12 @@ class KillResult:
     vm: str
     returned_bytes: int | None
     guest: dict[str, Any] = field(default_factory=dict)
+
+
+def guest_id(mode: str, ctr_id: str) -> str:
+    """The container's name inside its VM: a snapshot clone serves the one
+    its template started."""
+    return template.SNAPSHOT_CTR if mode == "scpv-snapshot" else ctr_id
 
 
 def _new_id(prefix: str) -> str:
@@ -141,7 +150,8 @@ class Service:
         self._boot(spec, boot_timeout)
         return self.db.get(rec.name)
 
-    def _boot(self, spec: VmSpec, boot_timeout: float = BOOT_TIMEOUT) -> None:
+    def _boot(self, spec: VmSpec, boot_timeout: float = BOOT_TIMEOUT,
+              tpl: template.Template | None = None) -> None:
         """Boot the VM whose record this process reserved, and mark it up once
         SSH and the agent answer; on failure, stop QEMU and remove the record.
 
@@ -149,16 +159,21 @@ class Service:
         other processes wait for it, and a boot cut short is found by
         ``reconcile`` and its QEMU killed.
         """
+        if tpl is not None:
+            spec = template.clone_spec(spec, tpl)
         machine = Machine(spec, ssh_key=self.builds[1].ssh_key)
-        self.progress(f"booting {spec.name} ({spec.accel}, {spec.memory_mib} MiB"
+        self.progress(f"{'cloning' if tpl else 'booting'} {spec.name} ({spec.accel}, "
+                      f"{spec.memory_mib} MiB"
                       + (f", {spec.memory_mode} device up to {spec.device_memory_mib} MiB"
                          if spec.memory_mode != "none" else "") + ")")
         t0 = time.monotonic()
         try:
             shutil.rmtree(spec.run_dir, ignore_errors=True)
             machine.launch()
+            if tpl is not None:
+                template.resume(machine, tpl)
             machine.wait_ssh(boot_timeout).close()
-            if spec.fnbase is not None:
+            if spec.fnbase is not None and tpl is None:
                 machine.wait_for_console(AGENT_MARKER, boot_timeout)
             pid, start = machine.pid, machine.proc_start
             if pid is None or start is None:
@@ -269,14 +284,23 @@ class Service:
         self.reconcile()
         ctr_id, vm, boot_spec = self._place(fn, mode, memory_mib)
         booted = boot_spec is not None
+        gid = guest_id(mode, ctr_id)
         try:
-            if boot_spec is not None:
-                self._boot(boot_spec)
+            if mode == "mcpv":
+                if boot_spec is not None:
+                    self._boot(boot_spec)
+                else:
+                    self._wait_up(vm)
+                self._apply_requested(vm)
             else:
-                self._wait_up(vm)
-            self._apply_requested(vm)
-            guest = self._ask(vm, lambda a: a.start(ctr_id, fn, memory_mib), retry=False)
-            warm = self._ask(vm, lambda a: a.invoke(ctr_id, payload))
+                assert boot_spec is not None
+                tpl = self.template(boot_spec, fn, memory_mib, warm=mode == "scpv-snapshot")
+                self._boot(boot_spec, tpl=tpl)
+            if mode == "scpv-snapshot":
+                guest = {"czone": self._ask(vm, lambda a: a.list())[0]["czone"]}
+            else:
+                guest = self._ask(vm, lambda a: a.start(gid, fn, memory_mib), retry=False)
+            warm = self._ask(vm, lambda a: a.invoke(gid, payload))
         except BaseException:
             self._forget_failed(ctr_id, vm)
             raise
@@ -307,15 +331,14 @@ class Service:
                 raise ServiceError(str(e)) from None
             if d.action == "boot":
                 name = _new_id(f"{mode}-{fn}")
-                spec = self.vm_spec(name, memory_mode="czone", device_memory_mib=max_mib,
-                                    requested_mib=d.requested_mib)
+                spec = self._vm_spec_for(name, mode, max_mib, d.requested_mib)
                 rec = VmRecord(name=name, state="starting", pid=me, proc_start=process_start(me),
                                qmp_socket=str(qmp_socket_path(spec.run_dir)),
                                ssh_port=spec.ssh_port, ssh_key=str(self.builds[1].ssh_key),
                                run_dir=str(spec.run_dir), accel=spec.accel,
                                memory_mib=spec.memory_mib, cpus=spec.cpus, created=time.time(),
-                               fn=fn, mode=mode, memory_mode="czone", device_mib=max_mib,
-                               requested_mib=d.requested_mib)
+                               fn=fn, mode=mode, memory_mode=spec.memory_mode,
+                               device_mib=max_mib, requested_mib=d.requested_mib)
                 vm_insert(conn, rec)
             else:
                 name = d.vm or ""
@@ -325,6 +348,39 @@ class Service:
             ctr_insert(conn, CtrRecord(ctr_id, name, fn, memory_mib, "starting", me,
                                        process_start(me), None, None, time.time()))
         return ctr_id, name, spec
+
+    def _vm_spec_for(self, name: str, mode: str, max_mib: int, requested_mib: int) -> VmSpec:
+        """MCPV: boot memory plus the CZone device, which placement grows.
+        SCPV: one container's memory as ZONE_MOVABLE boot memory (the device
+        does not migrate yet, and templates are saved by migration)."""
+        if mode == "mcpv":
+            return self.vm_spec(name, memory_mode="czone", device_memory_mib=max_mib,
+                                requested_mib=requested_mib)
+        movable = max_mib + SCPV_MOVABLE_SLACK_MIB
+        return self.vm_spec(name, memory_mib=VM_BOOT_MIB + movable,
+                            extra_append=f"movablecore={movable}M")
+
+    def template(self, spec: VmSpec, fn: str, memory_mib: int, warm: bool) -> template.Template:
+        """The template for VMs shaped like ``spec``, built once (under a lock)."""
+        key = template.template_key(spec, fn, memory_mib, warm)
+        tpl = template.Template(self.db.root / "templates" / key, warm)
+        if tpl.ready():
+            return tpl
+        tpl.dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(tpl.dir.parent / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not tpl.ready():
+                self.progress(f"building the {'snapshot' if warm else 'template'} of {fn} "
+                              f"(once per build and VM shape)")
+                name = f"tpl-{key}"
+                tspec = replace(spec, name=name, run_dir=self.db.root / "tpl-run" / key,
+                                ssh_port=free_port())
+                try:
+                    template.build(tspec, tpl, self.builds[1].ssh_key, fn, memory_mib,
+                                   BOOT_TIMEOUT)
+                finally:
+                    shutil.rmtree(tspec.run_dir, ignore_errors=True)
+        return tpl
 
     def _wait_up(self, vm: str, timeout: float = WAIT_VM_TIMEOUT) -> None:
         """Wait for a VM that another process is booting (its record is the
@@ -374,7 +430,8 @@ class Service:
         self.reconcile()
         rec = self._owned(ctr_id)
         t0 = time.monotonic()
-        reply = self._ask(rec.vm, lambda a: a.invoke(ctr_id, payload, timeout))
+        gid = guest_id(self.db.get(rec.vm).mode or "mcpv", ctr_id)
+        reply = self._ask(rec.vm, lambda a: a.invoke(gid, payload, timeout))
         return reply, time.monotonic() - t0
 
     def kill(self, ctr_id: str) -> KillResult:

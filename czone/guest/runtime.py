@@ -88,8 +88,11 @@ class RuntimeAgent:
     def hello(self) -> dict[str, Any]:
         return self.call("hello", wait=30)
 
-    def start(self, ctr_id: str, fn: str, memory_mib: int) -> dict[str, Any]:
-        return self.call("start", id=ctr_id, fn=fn, memory_mib=memory_mib)
+    def start(self, ctr_id: str, fn: str, memory_mib: int,
+              args: list[str] | None = None) -> dict[str, Any]:
+        """Start a container; ``args`` replaces the function server's command."""
+        extra = {"args": args} if args else {}
+        return self.call("start", id=ctr_id, fn=fn, memory_mib=memory_mib, **extra)
 
     def invoke(self, ctr_id: str, payload: Any = None,
                timeout: float | None = None) -> dict[str, Any]:

@@ -57,6 +57,12 @@ class VmSpec:
     block_mib: int = 2
     # The function base image (second disk, /dev/vdb), if the VM runs functions.
     fnbase: Path | None = None
+    # Boot RAM in a file (templates): shared, so a template writes it through,
+    # or private, so a clone maps it copy-on-write.
+    ram_file: Path | None = None
+    ram_shared: bool = True
+    # Start paused, waiting for `migrate-incoming` (a template's clone).
+    incoming: bool = False
 
     def __post_init__(self) -> None:
         if self.memory_mib <= 0 or self.cpus <= 0:
@@ -107,7 +113,17 @@ def machine_args(spec: VmSpec) -> list[str]:
 
 def memory_args(spec: VmSpec) -> list[str]:
     maxmem = spec.max_memory_mib or spec.memory_mib + max(4096, spec.device_memory_mib)
-    return ["-m", f"{spec.memory_mib}M,slots={spec.memory_slots},maxmem={maxmem}M"]
+    args = ["-m", f"{spec.memory_mib}M,slots={spec.memory_slots},maxmem={maxmem}M"]
+    if spec.ram_file is not None:
+        share = "on" if spec.ram_shared else "off"
+        args += ["-object", f"memory-backend-file,id=ram0,size={spec.memory_mib}M,"
+                            f"mem-path={opt_escape(spec.ram_file)},share={share}",
+                 "-machine", "memory-backend=ram0"]
+    return args
+
+
+def incoming_args(spec: VmSpec) -> list[str]:
+    return ["-incoming", "defer"] if spec.incoming else []
 
 
 def memory_device_args(spec: VmSpec) -> list[str]:
@@ -178,5 +194,6 @@ def build_argv(spec: VmSpec) -> list[str]:
         *net_args(spec),
         *console_args(spec),
         *qmp_args(spec),
+        *incoming_args(spec),
         *spec.extra_args,
     ]

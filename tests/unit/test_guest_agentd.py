@@ -21,7 +21,7 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def start(self, ctr_id: str, fn: str, memory_mib: int) -> dict:
+    def start(self, ctr_id: str, fn: str, memory_mib: int, args: list | None) -> dict:
         self.calls.append(("start", ctr_id, fn, memory_mib))
         if fn == "nope":
             raise AgentFault(2, f"unknown function {fn!r}")
@@ -55,6 +55,7 @@ def test_requests_are_dispatched_with_their_arguments() -> None:
     ({"op": "start", "fn": "matmul", "memory_mib": 64}, "EINVAL", "'id' must be a string"),
     ({"op": "start", "id": "c", "fn": "f", "memory_mib": -1}, "EINVAL", "non-negative"),
     ({"op": "invoke", "id": "c", "timeout": True}, "EINVAL", "'timeout'"),
+    ({"op": "start", "id": "c", "fn": "f", "memory_mib": 64, "args": "sh"}, "EINVAL", "'args'"),
     ({"op": "start", "id": "c", "fn": "nope", "memory_mib": 64}, "ENOENT", "unknown function"),
 ])
 def test_bad_requests_get_an_errno_and_one_line(req: object, errno_name: str,

@@ -130,7 +130,8 @@ class Runtime:
 
     # -- start ---------------------------------------------------------------
 
-    def start(self, ctr_id: str, fn: str, memory_mib: int) -> dict:
+    def start(self, ctr_id: str, fn: str, memory_mib: int,
+              args: list[str] | None = None) -> dict:
         if not bundle.ID_RE.fullmatch(ctr_id):
             raise AgentFault(errno.EINVAL, f"invalid container id {ctr_id!r}")
         if not bundle.FN_RE.fullmatch(fn) or \
@@ -144,12 +145,12 @@ class Runtime:
                 raise AgentFault(errno.EEXIST, f"container {ctr_id!r} exists")
             self.ctrs[ctr_id] = ctr = Container(ctr_id, fn, memory_mib, 0, None)
         try:
-            return self._start(ctr)
+            return self._start(ctr, args)
         except BaseException:
             self._cleanup(ctr)
             raise
 
-    def _start(self, ctr: Container) -> dict:
+    def _start(self, ctr: Container, args: list[str] | None) -> dict:
         t0 = time.monotonic()
         try:
             ctr.czone = self.dev.create(cap_for(ctr.memory_mib))
@@ -159,8 +160,10 @@ class Runtime:
         d = ctr.dir
         for sub in ("rootfs", "layer", "sock"):
             (d / sub).mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps(
-            bundle.config(ctr.id, ctr.fn, ctr.memory_mib, d)))
+        cfg = bundle.config(ctr.id, ctr.fn, ctr.memory_mib, d)
+        if args:
+            cfg["process"]["args"] = args
+        (d / "config.json").write_text(json.dumps(cfg))
         (d / "meta.json").write_text(json.dumps(
             {"id": ctr.id, "fn": ctr.fn, "memory_mib": ctr.memory_mib, "czone": ctr.czone}))
         with open(d / "log", "wb") as log:
