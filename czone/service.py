@@ -98,11 +98,13 @@ def _new_id(prefix: str) -> str:
 
 class Service:
     def __init__(self, db: StateDB | None = None, qemu: str | os.PathLike | None = None,
-                 progress: Progress | None = None, cpus: int = 1):
+                 progress: Progress | None = None, cpus: int = 1,
+                 tb_size_mib: int | None = None):
         self.db = db or StateDB()
         self._qemu_override = qemu
         self.progress: Progress = progress or (lambda _msg: None)
         self.cpus = cpus
+        self.tb_size_mib = tb_size_mib
         self._agents: dict[str, tuple[SSHClient, RuntimeAgent]] = {}
         self._accel: tuple[str, str] | None = None
 
@@ -134,6 +136,7 @@ class Service:
         accel, _ = self.accel(probe)
         if ssh_port is not None:
             check_port_free(ssh_port)
+        extra.setdefault("tb_size_mib", self.tb_size_mib)
         return spec_for(name, self.db.vm_dir(name), kernel, image, qemu, accel,  # type: ignore[arg-type]
                         ssh_port or free_port(), memory_mib, cpus or self.cpus, **extra)
 
@@ -331,7 +334,7 @@ class Service:
                 raise ServiceError(str(e)) from None
             if d.action == "boot":
                 name = _new_id(f"{mode}-{fn}")
-                spec = self._vm_spec_for(name, mode, max_mib, d.requested_mib)
+                spec = self.vm_spec_for(name, mode, max_mib, d.requested_mib)
                 rec = VmRecord(name=name, state="starting", pid=me, proc_start=process_start(me),
                                qmp_socket=str(qmp_socket_path(spec.run_dir)),
                                ssh_port=spec.ssh_port, ssh_key=str(self.builds[1].ssh_key),
@@ -349,7 +352,7 @@ class Service:
                                        process_start(me), None, None, time.time()))
         return ctr_id, name, spec
 
-    def _vm_spec_for(self, name: str, mode: str, max_mib: int, requested_mib: int) -> VmSpec:
+    def vm_spec_for(self, name: str, mode: str, max_mib: int, requested_mib: int) -> VmSpec:
         """MCPV: boot memory plus the CZone device, which placement grows.
         SCPV: one container's memory as ZONE_MOVABLE boot memory (the device
         does not migrate yet, and templates are saved by migration)."""

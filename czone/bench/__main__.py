@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from czone.bench import boot, kernel, reclaim, report
+from czone.bench import boot, kernel, reclaim, report, startup
 from czone.errors import CZoneError
 
-SCENARIOS = {"boot": boot.run, "kernel": kernel.run_all, "reclaim": reclaim.run}
+SCENARIOS = {"boot": boot.run, "kernel": kernel.run_all, "reclaim": reclaim.run,
+             "startup": startup.run_startup, "footprint": startup.run_footprint}
 
 
 def main(argv: list[str]) -> int:

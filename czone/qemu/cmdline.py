@@ -63,6 +63,9 @@ class VmSpec:
     ram_shared: bool = True
     # Start paused, waiting for `migrate-incoming` (a template's clone).
     incoming: bool = False
+    # TCG's translation cache in MiB (None: QEMU's default); each QEMU process
+    # holds its own, which KVM does not have, so benchmarks set it explicitly.
+    tb_size_mib: int | None = None
 
     def __post_init__(self) -> None:
         if self.memory_mib <= 0 or self.cpus <= 0:
@@ -108,7 +111,10 @@ def kernel_append(spec: VmSpec) -> str:
 
 def machine_args(spec: VmSpec) -> list[str]:
     cpu = "host" if spec.accel == "kvm" else "max"
-    return ["-M", spec.machine, "-accel", spec.accel, "-cpu", cpu, "-smp", str(spec.cpus)]
+    accel = spec.accel
+    if spec.accel == "tcg" and spec.tb_size_mib is not None:
+        accel += f",tb-size={spec.tb_size_mib}"
+    return ["-M", spec.machine, "-accel", accel, "-cpu", cpu, "-smp", str(spec.cpus)]
 
 
 def memory_args(spec: VmSpec) -> list[str]:

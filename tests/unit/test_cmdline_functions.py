@@ -32,3 +32,9 @@ def test_a_template_shares_its_ram_file_and_a_clone_maps_it_privately() -> None:
     assert backend + "off" in pairs(clone, "-object")
     assert pairs(clone, "-incoming") == ["defer"]
     assert "-object" not in build_argv(SPEC)
+
+
+def test_tb_size_is_set_for_tcg_only() -> None:
+    assert pairs(build_argv(replace(SPEC, tb_size_mib=64)), "-accel") == ["tcg,tb-size=64"]
+    assert pairs(build_argv(replace(SPEC, accel="kvm", tb_size_mib=64)), "-accel") == ["kvm"]
+    assert pairs(build_argv(SPEC), "-accel") == ["tcg"]

@@ -1,0 +1,185 @@
+"""Startup latency and host footprint: MCPV against the SCPV baselines.
+
+Every case goes through the service layer exactly as ``czonectl run`` does,
+in one private run root, on the same builds and with the same explicit TCG
+translation-cache size.  Startup latency has one definition for every mode:
+from the ``run`` request to the first answer of the warm-up invocation.
+Templates and snapshots are built before anything is timed (a platform
+builds them once per function), so SCPV is measured at its fastest.
+
+- ``startup``: the k-th container of one function, k = 1..K, per mode.
+- ``footprint``: the sum of the PSS of every QEMU process with N idle
+  containers (each answered once), per mode; also without the TCG code
+  cache (anonymous executable mappings in smaps), which a KVM host lacks.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from czone import artifacts, hostmem
+from czone.bench.report import table
+from czone.errors import CZoneError
+from czone.functions import memory_for
+from czone.service import RUN_MODES, Service
+from czone.state import StateDB
+
+FN = os.environ.get("CZONE_BENCH_FN", "float_operation")
+TB_SIZE_MIB = int(os.environ.get("CZONE_BENCH_TB_SIZE", "64"))
+MiB = hostmem.MiB
+
+
+def _service(root: Path) -> Service:
+    # The accelerator verdict is shared with the user's run root: no second probe.
+    accel = StateDB().root / "accel.json"
+    if accel.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "accel.json").write_bytes(accel.read_bytes())
+    return Service(db=StateDB(root), tb_size_mib=TB_SIZE_MIB)
+
+
+def _teardown(svc: Service) -> None:
+    for vm in svc.db.list():
+        try:
+            svc.vm_down(vm.name, timeout=5)
+        except CZoneError as e:
+            print(f"  teardown of {vm.name}: {e}")
+
+
+def _prepare(svc: Service, mode: str) -> None:
+    if mode == "mcpv":
+        return
+    spec = svc.vm_spec_for("probe", mode, memory_for(FN), 0)
+    svc.template(spec, FN, memory_for(FN), warm=mode == "scpv-snapshot")
+
+
+def code_cache_pss(pid: int) -> int:
+    """PSS of anonymous executable mappings: TCG's translated code."""
+    total, exec_anon = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                exec_anon = "x" in head[1] and len(head) == 5
+            elif head[0] == "Pss:" and exec_anon:
+                total += int(head[1]) * 1024
+    return total
+
+
+def spread(xs: list[float]) -> str:
+    if not xs:
+        return "failed"
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return f"{statistics.median(xs):.3f} [{q[0]:.3f}, {q[2]:.3f}] n={len(xs)}"
+
+
+def run_startup(k_max: int = int(os.environ.get("CZONE_BENCH_K", "16"))) -> dict[str, Any]:
+    result: dict[str, Any] = {"fn": FN, "k": k_max, "tb_size_mib": TB_SIZE_MIB,
+                              "kernel": artifacts.kernel().release,
+                              "image": artifacts.image().version, "modes": {}}
+    with tempfile.TemporaryDirectory(prefix="czb-") as d:
+        for mode in RUN_MODES:
+            svc = _service(Path(d) / mode)
+            result["accel"] = svc.accel()[0]
+            samples: list[float | None] = []
+            try:
+                _prepare(svc, mode)
+                for k in range(1, k_max + 1):
+                    try:
+                        samples.append(svc.run(FN, mode).startup_s)  # type: ignore[arg-type]
+                    except CZoneError as e:
+                        print(f"  {mode} k={k}: failed: {e}")
+                        samples.append(None)
+                    print(f"  {mode} k={k}: {samples[-1]}")
+            finally:
+                _teardown(svc)
+                svc.close()
+            result["modes"][mode] = samples
+    return _startup_report(result)
+
+
+def _startup_report(result: dict[str, Any]) -> dict[str, Any]:
+    modes = result["modes"]
+    warm = {m: [s for s in v[1:] if s is not None] for m, v in modes.items()}
+    rows = [[m, "failed" if v[0] is None else f"{v[0]:.3f}", spread(warm[m])]
+            for m, v in modes.items()]
+    print(f"startup latency of the k-th container of {result['fn']} (s), "
+          f"accel {result['accel']}, tb-size {result['tb_size_mib']} MiB")
+    print(table(["mode", "k=1", "k>=2: median [p25, p75]"], rows))
+    base = warm.get("scpv-template")
+    ratios = []
+    for m, xs in warm.items():
+        if xs and base:
+            ratios.append([m, f"{statistics.median(xs) / statistics.median(base):.3f}",
+                           f"{min(xs) / max(base):.3f}..{max(xs) / min(base):.3f}"])
+        else:
+            ratios.append([m, "failed", "-"])
+    print("\nratio of medians against scpv-template (k>=2), and the range "
+          "(best/worst .. worst/best)")
+    print(table(["mode", "ratio", "range"], ratios))
+    result["ratios_vs_scpv_template"] = {r[0]: r[1] for r in ratios}
+    return result
+
+
+def run_footprint(ns: tuple[int, ...] = (1, 4, 16)) -> dict[str, Any]:
+    ns = tuple(int(n) for n in os.environ.get("CZONE_BENCH_N", ",".join(map(str, ns)))
+               .split(","))
+    result: dict[str, Any] = {"fn": FN, "tb_size_mib": TB_SIZE_MIB, "ns": ns, "modes": {}}
+    with tempfile.TemporaryDirectory(prefix="czb-") as d:
+        for mode in RUN_MODES:
+            per_n = {}
+            for n in ns:
+                svc = _service(Path(d) / f"{mode}-{n}")
+                result["accel"] = svc.accel()[0]
+                try:
+                    _prepare(svc, mode)
+                    for _ in range(n):
+                        svc.run(FN, mode)  # type: ignore[arg-type]
+                    pids = [v.pid for v in svc.running_vms(mode=None)]
+                    time.sleep(2)  # idle: the warm-up answers are done
+                    pss = sum(hostmem.stable_pss(p) for p in pids)
+                    code = sum(code_cache_pss(p) for p in pids)
+                    per_n[n] = {"vms": len(pids), "pss": pss, "code_cache_pss": code}
+                except CZoneError as e:
+                    print(f"  {mode} N={n}: failed: {e}")
+                    per_n[n] = None
+                finally:
+                    _teardown(svc)
+                    svc.close()
+                print(f"  {mode} N={n}: {per_n[n]}")
+            result["modes"][mode] = per_n
+    return _footprint_report(result)
+
+
+def _footprint_report(result: dict[str, Any]) -> dict[str, Any]:
+    modes, ns = result["modes"], result["ns"]
+    def no_code(r: dict[str, int]) -> int:
+        return r["pss"] - r["code_cache_pss"]
+
+    rows = []
+    for m, per_n in modes.items():
+        for n in ns:
+            r = per_n.get(n)
+            rows.append([m, n] + (["failed"] * 3 if r is None else
+                                  [r["vms"], f"{r['pss'] / MiB:.0f}", f"{no_code(r) / MiB:.0f}"]))
+    print(f"host footprint: sum of QEMU PSS (MiB) with N idle {result['fn']} containers, "
+          f"accel {result['accel']}, tb-size {result['tb_size_mib']} MiB")
+    print(table(["mode", "N", "VMs", "PSS", "PSS without code cache"], rows))
+    base = modes.get("scpv-template", {})
+    ratios = []
+    for m, per_n in modes.items():
+        for n in ns:
+            r, b = per_n.get(n), base.get(n)
+            if r and b:
+                ratios.append([m, n, f"{r['pss'] / b['pss']:.3f}",
+                               f"{no_code(r) / no_code(b):.3f}"])
+            else:
+                ratios.append([m, n, "failed", "failed"])
+    print("\nratio against scpv-template (one measurement per cell)")
+    print(table(["mode", "N", "PSS", "without code cache"], ratios))
+    return result
