@@ -115,3 +115,22 @@ class RssWatch:
             if t >= t0 and abs(v - after) > self.tolerance:
                 settled_at = t_next
         return self.before, after, max(0.0, settled_at - t0)
+
+
+def mapping_rss(pid: int, name: str) -> int:
+    """RSS of the mappings of ``pid`` whose path contains ``name``, e.g. the
+    memfd behind a memory device (``memfd:memory-backend-memfd``): the guest memory
+    the host backs, without QEMU's own allocations or TCG's code cache."""
+    total, match = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and len(head) >= 5:
+                match = len(head) == 6 and name in head[5]
+            elif match and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+def stable_mapping_rss(pid: int, name: str, timeout: float = 120.0) -> int:
+    return settle(lambda: mapping_rss(pid, name), timeout=timeout).value

@@ -31,7 +31,13 @@ from czone.guest.ssh import SSHClient, SshError
 from czone.net import check_port_free, free_port
 from czone.placement import Mode, NoFit, VmView, place, round_up
 from czone.qemu import qmp
-from czone.qemu.cmdline import LINUX_MEMORY_BLOCK_MIB, MEMORY_DEVICE_ID, VmSpec, qmp_socket_path
+from czone.qemu.cmdline import (
+    DEVICE_MEMFD,
+    LINUX_MEMORY_BLOCK_MIB,
+    MEMORY_DEVICE_ID,
+    VmSpec,
+    qmp_socket_path,
+)
 from czone.qemu.machine import Machine, kill_strays, spec_for
 from czone.state import (
     CtrRecord,
@@ -448,16 +454,17 @@ class Service:
             return KillResult(ctr_id, rec.vm, None)
         me = os.getpid()
         self.db.set_ctr(ctr_id, state="stopping", owner_pid=me, owner_start=process_start(me))
-        before = hostmem.stable_rss(vm.pid)
         if vm.mode != "mcpv":
+            before = hostmem.stable_rss(vm.pid)
             self.vm_down(vm.name)
             return KillResult(ctr_id, vm.name, before)
-        with hostmem.RssWatch(vm.pid) as watch:
-            t0 = time.monotonic()
-            guest = self._ask(vm.name, lambda a: self._kill_in_guest(a, ctr_id))
-            rss_before, rss_after, _ = watch.finish(t0)
+        # The guest memory the host backs, without TCG's code cache and
+        # QEMU's own allocations, which move for reasons of their own.
+        before = hostmem.stable_mapping_rss(vm.pid, DEVICE_MEMFD)
+        guest = self._ask(vm.name, lambda a: self._kill_in_guest(a, ctr_id))
+        after = hostmem.stable_mapping_rss(vm.pid, DEVICE_MEMFD)
         self.db.remove_ctr(ctr_id)
-        return KillResult(ctr_id, vm.name, max(0, before - rss_after), guest)
+        return KillResult(ctr_id, vm.name, max(0, before - after), guest)
 
     @staticmethod
     def _kill_in_guest(agent: RuntimeAgent, ctr_id: str) -> dict[str, Any]:

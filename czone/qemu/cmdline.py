@@ -20,6 +20,8 @@ MemoryMode = Literal["none", "czone", "virtio-mem", "balloon"]
 MEMORY_MODES: tuple[MemoryMode, ...] = ("none", "czone", "virtio-mem", "balloon")
 # QOM ids of the memory devices, as found under /machine/peripheral/.
 MEMORY_DEVICE_ID = {"czone": "czdev0", "virtio-mem": "vmem0", "balloon": "balloon0"}
+# How the device memory's memfd shows in /proc/PID/smaps (QEMU names it so).
+DEVICE_MEMFD = "memfd:memory-backend-memfd"
 
 # Printed by the guest's init once sshd is listening.
 # x86-64 Linux hot-adds memory in memory blocks of this size (guests below 64 GiB).

@@ -15,6 +15,7 @@ import pytest
 
 from czone import hostmem
 from czone.guest.runtime import AGENT_MARKER, AgentError, RuntimeAgent
+from czone.qemu.cmdline import DEVICE_MEMFD
 from czone.qemu.machine import Machine
 from tests.vm.conftest import BOOT_TIMEOUT, MicrovmFactory
 from tests.vm.guest import assert_dmesg_clean, run_program
@@ -108,10 +109,10 @@ def test_kill_gives_the_containers_memory_back_to_the_host(mcpv_vm: Machine,
     assert agent.invoke("big", {"n": 1000, "seed": 1})["ok"]
     backed = agent.stats()["big"]["czone_stat"]["host_backed_pages"] * 4096
     assert backed > 32 * MiB, backed
-    before = hostmem.stable_rss(mcpv_vm.pid)
+    # The guest memory the host backs: the memfd behind the device.
+    before = hostmem.stable_mapping_rss(mcpv_vm.pid, DEVICE_MEMFD)
     res = agent.kill("big")
-    after = hostmem.stable_rss(mcpv_vm.pid)
+    after = hostmem.stable_mapping_rss(mcpv_vm.pid, DEVICE_MEMFD)
     assert res["migrated_pages"] == 0 and res["released_chunks"] > 0
-    # The host gets back what the CZone had backed, within 4 MiB or 10%.
-    assert abs((before - after) - backed) <= max(4 * MiB, backed // 10), \
-        (before - after, backed)
+    # The host gets back what the CZone had backed, within 2 MiB (one chunk).
+    assert abs((before - after) - backed) <= 2 * MiB, (before - after, backed)
