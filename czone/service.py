@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import random
 import secrets
 import shutil
 import time
@@ -63,6 +64,7 @@ MCPV_DEVICE_MIB = 4096
 BLOCK_MIB = 2
 BOOT_TIMEOUT = 180.0
 WAIT_VM_TIMEOUT = 300.0
+CONNECT_TIMEOUT = 120.0
 DEVICE = MEMORY_DEVICE_ID["czone"]
 
 Progress = Callable[[str], None]
@@ -236,13 +238,23 @@ class Service:
         if rec.ssh_port is None or rec.ssh_key is None:
             raise ServiceError(f"VM {vm!r} has no SSH forward")
         ssh = SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key))
-        try:
-            ssh.connect(timeout=30.0)
-            agent = RuntimeAgent(ssh)
-            agent.hello()
-        except BaseException:
-            ssh.close()
-            raise
+        # dropbear drops handshakes beyond a few at once from one address
+        # (all of ours come through QEMU's user network): back off and retry.
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while True:
+            try:
+                ssh.connect(timeout=30.0)
+                agent = RuntimeAgent(ssh)
+                agent.hello()
+                break
+            except (SshError, AgentLost) as e:
+                ssh.close()
+                if time.monotonic() > deadline or status(self.db.get(vm)) != "running":
+                    raise ServiceError(f"VM {vm!r}: cannot reach the agent: {e}") from None
+                time.sleep(random.uniform(0.1, 1.0))
+            except BaseException:
+                ssh.close()
+                raise
         self._agents[vm] = (ssh, agent)
         return agent
 
