@@ -101,7 +101,7 @@ def guest_id(mode: str, ctr_id: str) -> str:
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix[:20].replace('_', '-')}-{secrets.token_hex(3)}"
+    return f"{prefix[:24].replace('_', '-').rstrip('-')}-{secrets.token_hex(3)}"
 
 
 class Service:

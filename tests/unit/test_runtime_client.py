@@ -36,9 +36,13 @@ def peer(replies: list[bytes | None]) -> tuple[RuntimeAgent, list[dict]]:
             if reply is None:
                 break
             # In two pieces: a reply is a line, however the stream cuts it.
-            theirs.sendall(reply[:7])
-            time.sleep(0.01)
-            theirs.sendall(reply[7:])
+            try:
+                theirs.sendall(reply[:7])
+                time.sleep(0.01)
+                if reply[7:]:
+                    theirs.sendall(reply[7:])
+            except OSError:  # the client gave up on a bad reply
+                break
         theirs.close()
 
     threading.Thread(target=serve, daemon=True).start()

@@ -174,3 +174,22 @@ def czonectl_argv() -> list[str]:
     from tests.vm.test_vm_cli import CZONECTL
 
     return [CZONECTL]
+
+
+@pytest.mark.parametrize("mode", ["scpv-template", "scpv-snapshot"])
+def test_scpv_baselines_clone_a_template_instead_of_booting(env: dict[str, str],
+                                                           mode: str) -> None:
+    first = json.loads(ok(env, "run", FN, "--mode", mode, "--json"))
+    second = json.loads(ok(env, "run", FN, "--mode", mode, "--json"))
+    assert first["vm"] != second["vm"], "SCPV: a VM per container"
+    r = czonectl(env, "invoke", second["id"])
+    assert r.returncode == 0 and json.loads(r.stdout) == EXPECTED[FN]["result"], r.stderr
+    [vm] = [v for v in db_rows(env, "vms") if v["name"] == second["vm"]]
+    serial = (Path(vm["run_dir"]) / "serial.log").read_text(errors="replace")
+    assert "Run /sbin/czone-init" not in serial, "the clone booted instead of resuming"
+    # Clean pages are shared with the template's RAM file through the page cache.
+    stats = json.loads(ok(env, "stats", "--json"))[second["vm"]]
+    assert stats["pss_bytes"] < stats["rss_bytes"]
+    assert "its VM stopped" in ok(env, "kill", second["id"])
+    assert [c["id"] for c in ps(env)] == [first["id"]]
+    assert len(own_qemu_processes(Path(env["CZONE_RUN"]))) == 1
