@@ -149,10 +149,31 @@ def vm_ssh(ctx: click.Context, name: str, command: tuple[str, ...],
         binary = stream.buffer
         return lambda data: (binary.write(data), binary.flush())
 
+    # Standard input goes through, as with ssh; a terminal is not read (no pty).
+    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer
     with SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key)) as client:
-        result = client.run(" ".join(command), timeout=timeout,
+        result = client.run(" ".join(command), timeout=timeout, stdin=stdin,
                             on_stdout=sink(sys.stdout), on_stderr=sink(sys.stderr))
     ctx.exit(result.rc)
+
+
+@vm.command("cp")
+@click.argument("src", type=click.File("rb"))
+@click.argument("dest", metavar="NAME:PATH")
+@click.option("--mode", default="0644", show_default=True, help="File mode in the guest.")
+def vm_cp(src: Any, dest: str, mode: str) -> None:
+    """Copy the local file SRC into a VM's guest, at PATH."""
+    name, sep, path = dest.partition(":")
+    if not sep or not path:
+        raise click.BadParameter("expected NAME:PATH", param_hint="NAME:PATH")
+    if not mode.isdigit() or len(mode) > 4 or any(c > "7" for c in mode):
+        raise click.BadParameter(f"not an octal mode: {mode!r}", param_hint="--mode")
+    rec = StateDB().running(name)
+    if rec.ssh_port is None or rec.ssh_key is None:
+        raise CZoneError(f"VM {name!r} has no SSH forward")
+    with SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key)) as client:
+        client.put(src, path, mode)
+    click.echo(f"copied {src.name} to {name}:{path}")
 
 
 @vm.command("down")

@@ -9,11 +9,16 @@ saved.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import shlex
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import paramiko
 
@@ -53,6 +58,18 @@ class Result:
     rc: int
     stdout: str
     stderr: str
+
+
+def _pump(src: BinaryIO, chan: paramiko.Channel) -> None:
+    """Copy ``src`` into the channel's stdin, then close it (EOF for the command)."""
+    try:
+        while data := src.read1(65536) if hasattr(src, "read1") else src.read(65536):
+            chan.sendall(data)
+    except (OSError, paramiko.SSHException):
+        pass  # the command ended first, or the channel broke: run() reports that
+    finally:
+        with contextlib.suppress(OSError, paramiko.SSHException):
+            chan.shutdown_write()
 
 
 class SSHClient:
@@ -118,10 +135,12 @@ class SSHClient:
         return transport
 
     def run(self, cmd: str, timeout: float | None = 60.0,
-            on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> Result:
-        """Run ``cmd``; output is collected, and also passed to the sinks as it arrives."""
+            on_stdout: Sink | None = None, on_stderr: Sink | None = None,
+            stdin: BinaryIO | None = None) -> Result:
+        """Run ``cmd``; output is collected, and also passed to the sinks as it
+        arrives.  ``stdin`` is streamed to the command until its end, as ssh does."""
         try:
-            return self._run(cmd, timeout, on_stdout, on_stderr)
+            return self._run(cmd, timeout, on_stdout, on_stderr, stdin)
         except GuestTimeout:
             raise
         except NET_ERRORS as e:
@@ -130,11 +149,14 @@ class SSHClient:
                            f"{cmd!r}: {type(e).__name__}: {e}") from e
 
     def _run(self, cmd: str, timeout: float | None, on_stdout: Sink | None,
-             on_stderr: Sink | None) -> Result:
+             on_stderr: Sink | None, stdin: BinaryIO | None = None) -> Result:
         chan = self._transport().open_session(timeout=10.0)
         try:
             chan.exec_command(cmd)
-            chan.shutdown_write()
+            if stdin is None:
+                chan.shutdown_write()
+            else:
+                threading.Thread(target=_pump, args=(stdin, chan), daemon=True).start()
             out, err = bytearray(), bytearray()
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -185,17 +207,14 @@ class SSHClient:
             raise SshError(f"SSH forward to guest port {port} via {self.host}:{self.port} "
                            f"failed: {type(e).__name__}: {e}") from e
 
-    def put(self, data: bytes, path: str, mode: str = "0755") -> None:
-        """Write ``data`` to ``path`` in the guest (the image has no SFTP server)."""
-        chan = self.session(f"cat > {path} && chmod {mode} {path}")
-        try:
-            chan.sendall(data)
-            chan.shutdown_write()
-            rc = chan.recv_exit_status()
-        finally:
-            chan.close()
-        if rc != 0:
-            raise GuestCommandError(f"write {path}", Result(rc, "", ""))
+    def put(self, data: bytes | BinaryIO, path: str, mode: str = "0755") -> None:
+        """Write ``data`` (bytes or a binary file) to ``path`` in the guest (the
+        image has no SFTP server)."""
+        q = shlex.quote(path)
+        src = io.BytesIO(data) if isinstance(data, bytes) else data
+        res = self.run(f"cat > {q} && chmod {mode} {q}", timeout=600, stdin=src)
+        if res.rc != 0:
+            raise GuestCommandError(f"write {path}", res)
 
     def check(self, cmd: str, timeout: float | None = 60.0) -> Result:
         result = self.run(cmd, timeout)

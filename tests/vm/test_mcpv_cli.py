@@ -3,6 +3,7 @@ processes, real VMs, crash recovery and 20 concurrent runs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -193,3 +194,17 @@ def test_scpv_baselines_clone_a_template_instead_of_booting(env: dict[str, str],
     assert "its VM stopped" in ok(env, "kill", second["id"])
     assert [c["id"] for c in ps(env)] == [first["id"]]
     assert len(own_qemu_processes(Path(env["CZONE_RUN"]))) == 1
+
+
+def test_vm_ssh_passes_stdin_and_vm_cp_copies(env: dict[str, str], tmp_path: Path) -> None:
+    res = json.loads(ok(env, "run", FN, "--json"))
+    r = subprocess.run([*czonectl_argv(), "vm", "ssh", res["vm"], "--", "tr a-z A-Z"],
+                       env=env, input="hello\n", capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (0, "HELLO\n"), r.stderr
+    src = tmp_path / "blob"
+    src.write_bytes(bytes(range(256)) * 4096)
+    ok(env, "vm", "cp", str(src), f"{res['vm']}:/tmp/blob")
+    r = czonectl(env, "vm", "ssh", res["vm"], "--", "sha256sum /tmp/blob; stat -c %a /tmp/blob")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert r.stdout.split() == [digest, "/tmp/blob", "644"], r.stderr
+    assert "expected NAME:PATH" in fails(env, "vm", "cp", str(src), "nocolon", rc=2)
