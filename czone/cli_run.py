@@ -130,8 +130,8 @@ def reclaim(ctx: click.Context, idle_for: float) -> None:
         click.echo("no MCPV VM is running")
     for vm, r in out.items():
         click.echo(f"{vm}: {len(r['containers'])} container(s), {r['discarded_pages']} pages "
-                   f"discarded, {r['released_chunks']} chunks released, host RSS "
-                   f"-{r['rss_drop_bytes'] / MiB:.1f} MiB")
+                   f"discarded, {r['released_chunks']} chunks released: "
+                   f"{r['rss_drop_bytes'] / MiB:.1f} MiB back to the host")
 
 
 @click.command("stats")

@@ -502,9 +502,9 @@ class Service:
         self.reconcile()
         out = {}
         for vm in self.running_vms():
-            before = hostmem.stable_rss(vm.pid)
+            before = hostmem.stable_mapping_rss(vm.pid, DEVICE_MEMFD)
             res = self._ask(vm.name, lambda a: a.reclaim(None, idle_for))
-            after = hostmem.stable_rss(vm.pid)
+            after = hostmem.stable_mapping_rss(vm.pid, DEVICE_MEMFD)
             pages = sum(r.get("discarded_pages", 0) for r in res.values())
             chunks = sum(r.get("released_chunks", 0) for r in res.values())
             out[vm.name] = {"containers": res, "discarded_pages": pages,
