@@ -20,8 +20,9 @@ from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient
 from czone.net import check_port_free, free_port
 from czone.qemu.cmdline import MEMORY_MODES, Accel, build_argv, qmp_socket_path
-from czone.qemu.machine import Machine, kill_strays, spec_for
+from czone.qemu.machine import Machine, kill_strays
 from czone.state import StateDB, status, validate_name
+from czone.vmspec import spec_for
 
 
 class CZoneGroup(click.Group):

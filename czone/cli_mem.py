@@ -33,7 +33,7 @@ def memory_device(vm: Machine) -> dict[str, Any] | None:
 def _has_balloon(vm: Machine) -> bool:
     try:
         vm.qmp("query-balloon")
-    except qmp.QMPError:
+    except qmp.QmpCommandError:
         return False
     return True
 

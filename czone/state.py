@@ -23,6 +23,7 @@ import psutil
 
 from czone.artifacts import cache_dir
 from czone.errors import CZoneError
+from czone.qemu.machine import live_process
 
 Status = Literal["running", "starting", "dead"]
 
@@ -94,22 +95,6 @@ class VmRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# psutil derives start times from /proc/stat's btime, which can drift by a second.
-START_TOLERANCE = 1.0
-
-
-def live_process(pid: int, proc_start: float) -> psutil.Process | None:
-    """The process ``pid`` if it is alive and is the one that started at ``proc_start``."""
-    try:
-        proc = psutil.Process(pid)
-        if (abs(proc.create_time() - proc_start) < START_TOLERANCE
-                and proc.status() != psutil.STATUS_ZOMBIE):
-            return proc
-    except psutil.Error:
-        pass
-    return None
 
 
 def pid_matches(pid: int, proc_start: float) -> bool:

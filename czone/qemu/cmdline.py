@@ -81,6 +81,10 @@ def qmp_socket_path(run_dir: Path) -> Path:
     return run_dir / "qmp.sock"
 
 
+def qmp_launch_socket_path(run_dir: Path) -> Path:
+    return run_dir / "qmp-launch.sock"
+
+
 def serial_log_path(run_dir: Path) -> Path:
     return run_dir / "serial.log"
 
@@ -149,9 +153,14 @@ def console_args(spec: VmSpec) -> list[str]:
 
 
 def qmp_args(spec: VmSpec) -> list[str]:
+    """Two monitors: qmp1 connects to the launcher, which listens before QEMU starts
+    (as QEMU's own machine.py does); qmp0 serves later czonectl processes."""
     sock = opt_escape(qmp_socket_path(spec.run_dir))
+    launch = opt_escape(qmp_launch_socket_path(spec.run_dir))
     return ["-chardev", f"socket,id=qmp0,path={sock},server=on,wait=off",
-            "-mon", "chardev=qmp0,mode=control"]
+            "-mon", "chardev=qmp0,mode=control",
+            "-chardev", f"socket,id=qmp1,path={launch},server=off",
+            "-mon", "chardev=qmp1,mode=control"]
 
 
 def build_argv(spec: VmSpec) -> list[str]:
