@@ -123,13 +123,17 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
     try:
         shutil.rmtree(run_dir, ignore_errors=True)
         machine.launch()
-        assert machine.pid is not None and machine.proc_start is not None
+        if machine.pid is None or machine.proc_start is None:
+            raise CZoneError(f"QEMU of VM {name} exited right after it connected to QMP; "
+                             f"see {machine.qemu_log}")
         db.mark_up(name, machine.pid, machine.proc_start)
         machine.wait_ssh(boot_timeout).close()
     except BaseException:
         machine.shutdown(timeout=3.0)
         db.remove(name)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if any(f.exists() for f in (machine.serial_log, machine.qemu_log)):
+            click.echo(f"czonectl: the logs of the failed boot are kept in {run_dir}/ "
+                       f"({machine.serial_log.name}, {machine.qemu_log.name})", err=True)
         raise
     machine.close()
     click.echo(f"VM {name} is up: pid {machine.pid}, {accel}, {memory_mib} MiB, {cpus} CPU(s), "

@@ -45,14 +45,21 @@ def _has_balloon(vm: Machine) -> bool:
               help="Seconds to wait for the guest to follow (0: do not wait).")
 def vm_resize(name: str, mib: int, timeout: float) -> None:
     """Ask the VM's memory device to hold MIB (virtio-czone, virtio-mem or balloon)."""
-    _, vm = _attach(name)
+    rec, vm = _attach(name)
     try:
         dev = memory_device(vm)
         if dev is None and not _has_balloon(vm):
             raise CZoneError(f"VM {name!r} has no resizable memory device")
+        if dev is None and mib > rec.memory_mib:
+            raise CZoneError(f"the balloon cannot give VM {name!r} more than its "
+                             f"{rec.memory_mib} MiB of boot memory")
         if dev is None:
             qmp.balloon_target(vm, mib * MiB)
-            click.echo(f"balloon target {mib} MiB")
+            if timeout:
+                actual = qmp.wait_balloon(vm, mib * MiB, timeout)
+                click.echo(f"balloon: target {mib} MiB, guest at {actual // MiB} MiB")
+            else:
+                click.echo(f"balloon target {mib} MiB")
             return
         dev_id = dev["data"]["id"]
         qmp.set_requested_size(vm, dev_id, mib * MiB)

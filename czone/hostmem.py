@@ -25,16 +25,26 @@ class NotStable(CZoneError, TimeoutError):
     pass
 
 
+def _read_proc(pid: int, name: str) -> str:
+    path = f"/proc/{pid}/{name}"
+    try:
+        with open(path) as f:
+            return f.read()
+    except PermissionError:
+        raise CZoneError(f"cannot read {path}: permission denied; the process belongs to "
+                         "another user, run as that user or as root") from None
+    except OSError as e:
+        raise CZoneError(f"cannot read {path}: {e.strerror} (has the process exited?)") from None
+
+
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+    return int(_read_proc(pid, "statm").split()[1]) * PAGE
 
 
 def pss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
+    for line in _read_proc(pid, "smaps_rollup").splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
     raise CZoneError(f"no Pss line in /proc/{pid}/smaps_rollup")
 
 

@@ -139,7 +139,9 @@ class StateDB:
             self._query(sql, tuple(getattr(record, c) for c in cols))
         except sqlite3.IntegrityError:
             self.ensure_free(record.name)
-            raise
+            # The record that was in the way is already gone again.
+            raise DuplicateVm(f"another czonectl was creating or removing VM {record.name!r} "
+                              "at the same time; try again") from None
 
     def ensure_free(self, name: str) -> None:
         """Raise DuplicateVm if a record named ``name`` exists."""

@@ -384,7 +384,7 @@ class Machine:
 
 def _why(e: BaseException, timeout: float | None) -> str:
     if isinstance(e, TimeoutError):
-        return f"no answer within {timeout or 0:.0f}s (QEMU hung?)"
+        return f"no answer within {timeout or 0:g}s (QEMU hung?)"
     return f"connection lost ({str(e) or type(e).__name__})"
 
 

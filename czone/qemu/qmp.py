@@ -79,7 +79,7 @@ def _wait_until(vm: Monitor, read: Callable[[], int], done: Callable[[int], bool
     while not done(value := read()):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise QmpTimeout(f"{what} stayed at {value}, wanted {want} after {timeout:.0f}s")
+            raise QmpTimeout(f"{what} stayed at {value}, wanted {want} after {timeout:g}s")
         try:
             vm.wait_event(event, min(left, poll or left), **match)
         except QmpTimeout:

@@ -3,7 +3,10 @@ in its argv (``-chardev socket,...,path=P,server=on|off``).
 
 ``FAKE_QEMU`` picks the behaviour: ``ok`` answers every command with {}
 (``quit`` exits), ``hang`` never answers anything but the handshake, ``die``
-exits at the first command, ``silent`` connects but never greets.
+exits at the first command, ``silent`` connects but never greets.  In every
+mode but ``balloon-stuck``, a balloon target is reached 0.2 s after the
+``balloon`` command, with a BALLOON_CHANGE event.  A ``file`` chardev gets
+one line of "serial console".
 """
 
 import json
@@ -15,12 +18,24 @@ import threading
 import time
 
 MODE = os.environ.get("FAKE_QEMU", "ok")
+BALLOON = {"actual": 512 << 20}
 GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
                                 "package": "fake"}, "capabilities": []}}
 
 
 def send(conn: socket.socket, msg: dict) -> None:
     conn.sendall(json.dumps(msg).encode() + b"\r\n")
+
+
+def inflate(conn: socket.socket, target: int) -> None:
+    if MODE != "balloon-stuck":
+        time.sleep(0.2)
+        BALLOON["actual"] = target
+        send(conn, {"event": "BALLOON_CHANGE", "data": {"actual": target},
+                    "timestamp": {"seconds": int(time.time()), "microseconds": 0}})
+
+
+RETURNS = {"query-memory-devices": lambda: [], "query-balloon": lambda: dict(BALLOON)}
 
 
 def commands(conn: socket.socket):  # noqa: ANN201
@@ -42,15 +57,20 @@ def serve(conn: socket.socket) -> None:
         time.sleep(3600)
     send(conn, GREETING)
     for cmd in commands(conn):
-        reply = {"return": {}, **({"id": cmd["id"]} if "id" in cmd else {})}
+        name = cmd["execute"]
+        reply = {"return": RETURNS.get(name, dict)(),
+                 **({"id": cmd["id"]} if "id" in cmd else {})}
         if cmd["execute"] == "qmp_capabilities":
             send(conn, reply)
         elif MODE == "die":
             os._exit(3)
-        elif MODE == "ok":
+        elif MODE != "hang":
             send(conn, reply)
-            if cmd["execute"] == "quit":
+            if name == "quit":
                 os._exit(0)
+            if name == "balloon":
+                threading.Thread(target=inflate, args=(conn, cmd["arguments"]["value"]),
+                                 daemon=True).start()
 
 
 def accept_forever(srv: socket.socket) -> None:
@@ -59,6 +79,9 @@ def accept_forever(srv: socket.socket) -> None:
 
 
 def main() -> None:
+    for spec in [a for a in sys.argv if a.startswith("file,")]:
+        with open(re.search(r"path=([^,]+)", spec).group(1), "w") as f:
+            f.write("fake serial console: no sshd here\n")
     for spec in [a for a in sys.argv if a.startswith("socket,")]:
         path = re.search(r"path=([^,]+)", spec).group(1)
         if "server=on" in spec:

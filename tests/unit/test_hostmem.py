@@ -1,8 +1,10 @@
 import os
+import subprocess
 
 import pytest
 
 from czone import hostmem
+from czone.errors import CZoneError
 from czone.hostmem import MiB
 
 
@@ -40,3 +42,20 @@ def test_rss_watch_sees_memory_come_and_go() -> None:
     assert after - before >= 48 * MiB
     assert 0 <= latency < 10
     del blob
+
+
+def test_pss_of_another_users_process_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(path: str, *a: object) -> None:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(hostmem, "open", denied, raising=False)
+    with pytest.raises(CZoneError, match=r"cannot read /proc/1/smaps_rollup: permission denied; "
+                                         "the process belongs to another user"):
+        hostmem.pss_bytes(1)
+
+
+def test_rss_of_an_exited_process_is_one_clear_error() -> None:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    with pytest.raises(CZoneError, match=f"cannot read /proc/{p.pid}/statm: .* exited"):
+        hostmem.rss_bytes(p.pid)
