@@ -118,10 +118,21 @@ class RssWatch:
                tolerance=self.tolerance)
         self._stop.set()
         self._thread.join()
-        tail = [v for t, v in self.samples if t >= self.samples[-1][0] - quiet / 2]
-        after = int(statistics.median(tail))
-        settled_at = t0
-        for (t, v), (t_next, _) in zip(self.samples, self.samples[1:], strict=False):
-            if t >= t0 and abs(v - after) > self.tolerance:
-                settled_at = t_next
-        return self.before, after, max(0.0, settled_at - t0)
+        return (self.before, *settled_after(self.samples, t0, quiet, self.tolerance))
+
+
+def settled_after(samples: list[tuple[float, int]], t0: float, quiet: float,
+                  tolerance: int) -> tuple[int, float]:
+    """(final value, seconds from ``t0`` until the samples last strayed from it).
+
+    The final value is the median of the last ``quiet / 2`` seconds; a sample
+    taken at or after ``t0`` that differs from it by more than ``tolerance``
+    moves the settling time to the next sample.
+    """
+    tail = [v for t, v in samples if t >= samples[-1][0] - quiet / 2]
+    after = int(statistics.median(tail))
+    settled_at = t0
+    for (t, v), (t_next, _) in zip(samples, samples[1:], strict=False):
+        if t >= t0 and abs(v - after) > tolerance:
+            settled_at = t_next
+    return after, max(0.0, settled_at - t0)
