@@ -93,6 +93,10 @@ def qemu_log_path(run_dir: Path) -> Path:
     return run_dir / "qemu.log"
 
 
+def stats_log_path(run_dir: Path) -> Path:
+    return run_dir / "czone-stats.log"
+
+
 def opt_escape(value: str | Path) -> str:
     """Escape a value for QEMU's ``key=value,...`` option syntax."""
     return str(value).replace(",", ",,")
@@ -120,9 +124,15 @@ def memory_device_args(spec: VmSpec) -> list[str]:
     if mode == "balloon":
         return ["-device", f"virtio-balloon-pci,id={dev_id},free-page-reporting=on"]
     device = "virtio-czone-pci" if mode == "czone" else "virtio-mem-pci"
-    return ["-object", f"memory-backend-memfd,id=mem-{dev_id},size={spec.device_memory_mib}M",
+    args = ["-object", f"memory-backend-memfd,id=mem-{dev_id},size={spec.device_memory_mib}M",
             "-device", f"{device},id={dev_id},memdev=mem-{dev_id},"
                        f"block-size={spec.block_mib}M,requested-size={spec.requested_mib}M"]
+    if mode == "czone":
+        # The stats snapshot carries no time; QEMU's log trace backend stamps each
+        # arrival with the wall clock, so `vm mem` can say how old the stats are.
+        args += ["-msg", "timestamp=on", "-trace", "enable=virtio_czone_stats",
+                 "-D", str(stats_log_path(spec.run_dir))]
+    return args
 
 
 def firmware_args(spec: VmSpec) -> list[str]:

@@ -8,8 +8,11 @@ module does not depend on ``machine.py``.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from qemu.qmp import QMPError
@@ -19,6 +22,8 @@ from czone.errors import CZoneError
 
 # The library logs every failed connection as an error; ours raise instead.
 logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
+
+STATS_TRACE = re.compile(r"\d+@(\d+\.\d+):virtio_czone_stats ")
 
 
 class QmpTimeout(CZoneError):
@@ -64,6 +69,21 @@ def device_size(vm: Monitor, dev_id: str) -> int:
 def czone_stats(vm: Monitor, dev_id: str = "czdev0") -> list[dict[str, int]]:
     """The guest's last per-CZone usage report."""
     return list(vm.qmp("qom-get", path=peripheral(dev_id), property="stats"))
+
+
+def czone_stats_time(stats_log: Path) -> float | None:
+    """Wall-clock time of the last stats snapshot, from QEMU's trace of its arrival
+    (``pid@seconds.micros:virtio_czone_stats nr_czones=N``); None before the first."""
+    try:
+        with open(stats_log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        if m := STATS_TRACE.match(line):
+            return float(m.group(1))
+    return None
 
 
 def _wait_until(vm: Monitor, read: Callable[[], int], done: Callable[[int], bool],

@@ -3,7 +3,8 @@ in its argv (``-chardev socket,...,path=P,server=on|off``).
 
 ``FAKE_QEMU`` picks the behaviour: ``ok`` answers every command with {}
 (``quit`` exits), ``hang`` never answers anything but the handshake, ``die``
-exits at the first command, ``silent`` connects but never greets.  In every
+exits at the first command, ``silent`` connects but never greets, ``czone``
+has a virtio-czone device with one CZone.  In every
 mode but ``balloon-stuck``, a balloon target is reached 0.2 s after the
 ``balloon`` command, with a BALLOON_CHANGE event.  A ``file`` chardev gets
 one line of "serial console".
@@ -35,7 +36,12 @@ def inflate(conn: socket.socket, target: int) -> None:
                     "timestamp": {"seconds": int(time.time()), "microseconds": 0}})
 
 
-RETURNS = {"query-memory-devices": lambda: [], "query-balloon": lambda: dict(BALLOON)}
+CZONE_DEVICE = {"type": "virtio-czone", "data": {"id": "czdev0", "size": 64 << 20,
+                                                 "requested-size": 1 << 30, "max-size": 1 << 30}}
+CZONE_STATS = [{"czone": 1, "used": 8 << 20, "free": 56 << 20, "backed": 8 << 20,
+                "plugged": 64 << 20}]
+RETURNS = {"query-memory-devices": lambda: [CZONE_DEVICE] if MODE == "czone" else [],
+           "qom-get": lambda: CZONE_STATS, "query-balloon": lambda: dict(BALLOON)}
 
 
 def commands(conn: socket.socket):  # noqa: ANN201

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -235,6 +237,19 @@ def test_mem_of_a_hung_qemu_is_one_line(fake_vm) -> None:  # noqa: ANN001
         f"czonectl: error: QMP query-memory-devices to QEMU pid {p.pid} failed: "
         "no answer within 1s (QEMU hung?)")
     assert "Traceback" not in r.output
+
+
+def test_mem_shows_the_age_of_the_czone_stats(fake_vm, tmp_path: Path) -> None:  # noqa: ANN001
+    fake_vm("cz", "czone")
+    r = invoke("vm", "mem", "cz")
+    assert r.exit_code == 0, r.output
+    assert "per-CZone stats as the guest last sent them, no snapshot received yet:" in r.output
+    (tmp_path / "cz" / "czone-stats.log").write_text(
+        f"77@{time.time() - 30:.6f}:virtio_czone_stats nr_czones=2\n"
+        f"77@{time.time() - 2.5:.6f}:virtio_czone_stats nr_czones=1\n")
+    r = invoke("vm", "mem", "cz")
+    assert re.search(r"per-CZone stats as the guest last sent them, 2\.[56] s ago:\n"
+                     r"CZONE .*\n1 +8 +56 +8 +64\n$", r.output), r.output
 
 
 def test_resize_balloon_waits_for_the_guest(fake_vm) -> None:  # noqa: ANN001

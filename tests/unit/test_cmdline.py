@@ -120,6 +120,10 @@ def test_hotplug_memory_modes(mode, device):
     assert (f"{device},id={dev_id},memdev=mem-{dev_id},block-size=2M,"
             "requested-size=256M") in argv
     assert "512M,slots=8,maxmem=4608M" in argv
+    trace = ["-msg", "timestamp=on", "-trace", "enable=virtio_czone_stats",
+             "-D", "/run/vm0/czone-stats.log"]
+    assert [argv[i:i + 6] for i, a in enumerate(argv) if a == "-msg"] == \
+        ([trace] if mode == "czone" else [])
 
 
 def test_balloon_mode_reports_free_pages():
