@@ -99,6 +99,7 @@ class LogFollower:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self.data.clear()
 
 
 class Machine:
@@ -362,7 +363,8 @@ class Machine:
                     self._wait_exit(5.0)
         self._close_qmp()
         self._console.close()
-        self._wait_exit(5.0)
+        if self._launched:
+            self._wait_exit(5.0)  # reap our child
 
     def close(self) -> None:
         """Drop our QMP connection but leave QEMU running (``vm up`` exits after this)."""
