@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import click
 from czone import hostmem
 from czone.errors import CZoneError
 from czone.qemu import qmp
+from czone.qemu.cmdline import stats_log_path
 from czone.qemu.machine import Machine
 from czone.state import StateDB, VmRecord
 
@@ -33,9 +35,23 @@ def memory_device(vm: Machine) -> dict[str, Any] | None:
 def _has_balloon(vm: Machine) -> bool:
     try:
         vm.qmp("query-balloon")
-    except qmp.QMPError:
+    except qmp.QmpCommandError:
         return False
     return True
+
+
+def _stats_with_age(vm: Machine, dev_id: str,
+                    stats_log: Path) -> tuple[list[dict[str, int]], str]:
+    """The stats and how old they are: a snapshot arriving between the two reads
+    would be credited with the age of the one before, so read until they agree."""
+    for _ in range(3):
+        at = qmp.czone_stats_time(stats_log)
+        stats = qmp.czone_stats(vm, dev_id)
+        if qmp.czone_stats_time(stats_log) == at:
+            break
+    if at is None:
+        return stats, "no snapshot received yet"
+    return stats, f"{max(0.0, time.time() - at):.1f} s ago"
 
 
 @click.command("resize")
@@ -45,14 +61,21 @@ def _has_balloon(vm: Machine) -> bool:
               help="Seconds to wait for the guest to follow (0: do not wait).")
 def vm_resize(name: str, mib: int, timeout: float) -> None:
     """Ask the VM's memory device to hold MIB (virtio-czone, virtio-mem or balloon)."""
-    _, vm = _attach(name)
+    rec, vm = _attach(name)
     try:
         dev = memory_device(vm)
         if dev is None and not _has_balloon(vm):
             raise CZoneError(f"VM {name!r} has no resizable memory device")
+        if dev is None and mib > rec.memory_mib:
+            raise CZoneError(f"the balloon cannot give VM {name!r} more than its "
+                             f"{rec.memory_mib} MiB of boot memory")
         if dev is None:
             qmp.balloon_target(vm, mib * MiB)
-            click.echo(f"balloon target {mib} MiB")
+            if timeout:
+                actual = qmp.wait_balloon(vm, mib * MiB, timeout)
+                click.echo(f"balloon: target {mib} MiB, guest at {actual // MiB} MiB")
+            else:
+                click.echo(f"balloon target {mib} MiB")
             return
         dev_id = dev["data"]["id"]
         qmp.set_requested_size(vm, dev_id, mib * MiB)
@@ -79,8 +102,10 @@ def vm_mem(name: str) -> None:
         click.echo(f"{dev['type']} {data['id']}: plugged {data['size'] // MiB} MiB, requested "
                    f"{data['requested-size'] // MiB} MiB of {data['max-size'] // MiB} MiB")
         if dev["type"] == "virtio-czone":
+            stats, age = _stats_with_age(vm, data["id"], stats_log_path(Path(rec.run_dir)))
+            click.echo(f"per-CZone stats as the guest last sent them, {age}:")
             click.echo("CZONE  USED_MIB  FREE_MIB  BACKED_MIB  PLUGGED_MIB")
-            for s in qmp.czone_stats(vm, data["id"]):
+            for s in stats:
                 click.echo(f"{s['czone']:<6} {s['used'] // MiB:>9} {s['free'] // MiB:>9} "
                            f"{s['backed'] // MiB:>11} {s['plugged'] // MiB:>12}")
     finally:

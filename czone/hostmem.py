@@ -25,16 +25,26 @@ class NotStable(CZoneError, TimeoutError):
     pass
 
 
+def _read_proc(pid: int, name: str) -> str:
+    path = f"/proc/{pid}/{name}"
+    try:
+        with open(path) as f:
+            return f.read()
+    except PermissionError:
+        raise CZoneError(f"cannot read {path}: permission denied; the process belongs to "
+                         "another user, run as that user or as root") from None
+    except OSError as e:
+        raise CZoneError(f"cannot read {path}: {e.strerror} (has the process exited?)") from None
+
+
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+    return int(_read_proc(pid, "statm").split()[1]) * PAGE
 
 
 def pss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
+    for line in _read_proc(pid, "smaps_rollup").splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
     raise CZoneError(f"no Pss line in /proc/{pid}/smaps_rollup")
 
 
@@ -108,13 +118,24 @@ class RssWatch:
                tolerance=self.tolerance)
         self._stop.set()
         self._thread.join()
-        tail = [v for t, v in self.samples if t >= self.samples[-1][0] - quiet / 2]
-        after = int(statistics.median(tail))
-        settled_at = t0
-        for (t, v), (t_next, _) in zip(self.samples, self.samples[1:], strict=False):
-            if t >= t0 and abs(v - after) > self.tolerance:
-                settled_at = t_next
-        return self.before, after, max(0.0, settled_at - t0)
+        return (self.before, *settled_after(self.samples, t0, quiet, self.tolerance))
+
+
+def settled_after(samples: list[tuple[float, int]], t0: float, quiet: float,
+                  tolerance: int) -> tuple[int, float]:
+    """(final value, seconds from ``t0`` until the samples last strayed from it).
+
+    The final value is the median of the last ``quiet / 2`` seconds; a sample
+    taken at or after ``t0`` that differs from it by more than ``tolerance``
+    moves the settling time to the next sample.
+    """
+    tail = [v for t, v in samples if t >= samples[-1][0] - quiet / 2]
+    after = int(statistics.median(tail))
+    settled_at = t0
+    for (t, v), (t_next, _) in zip(samples, samples[1:], strict=False):
+        if t >= t0 and abs(v - after) > tolerance:
+            settled_at = t_next
+    return after, max(0.0, settled_at - t0)
 
 
 def mapping_rss(pid: int, name: str) -> int:

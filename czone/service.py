@@ -39,7 +39,7 @@ from czone.qemu.cmdline import (
     VmSpec,
     qmp_socket_path,
 )
-from czone.qemu.machine import Machine, kill_strays, spec_for
+from czone.qemu.machine import Machine, kill_strays
 from czone.state import (
     CtrRecord,
     StateDB,
@@ -52,6 +52,7 @@ from czone.state import (
     vm_insert,
     vms_in,
 )
+from czone.vmspec import spec_for
 
 RUN_MODES: tuple[Mode, ...] = ("mcpv", "scpv-template", "scpv-snapshot")
 # ZONE_MOVABLE beyond the container's cap in an SCPV VM: page cache and the
@@ -181,21 +182,25 @@ class Service:
         try:
             shutil.rmtree(spec.run_dir, ignore_errors=True)
             machine.launch()
+            pid, start = machine.pid, machine.proc_start
+            if pid is None or start is None:
+                raise ServiceError(f"QEMU of VM {spec.name} exited right after it connected "
+                                   f"to QMP; see {machine.qemu_log}")
             if tpl is not None:
                 template.resume(machine, tpl)
             machine.wait_ssh(boot_timeout).close()
             if spec.fnbase is not None and tpl is None:
                 machine.wait_for_console(AGENT_MARKER, boot_timeout)
-            pid, start = machine.pid, machine.proc_start
-            if pid is None or start is None:
-                raise ServiceError(f"QEMU of {spec.name} exited during boot")
             # One QMP client at a time: let go before others may connect.
             machine.close()
             self.db.mark_up(spec.name, pid, start)
         except BaseException:
             machine.shutdown(timeout=3.0)
             self.db.remove(spec.name)
-            shutil.rmtree(spec.run_dir, ignore_errors=True)
+            logs = [f.name for f in (machine.serial_log, machine.qemu_log) if f.exists()]
+            if logs:
+                self.progress(f"czonectl: the logs of the failed boot are kept in "
+                              f"{spec.run_dir}/ ({', '.join(logs)})")
             raise
         self.progress(f"{spec.name} is up after {time.monotonic() - t0:.1f}s")
 

@@ -25,6 +25,7 @@ import psutil
 
 from czone.artifacts import cache_dir
 from czone.errors import CZoneError
+from czone.qemu.machine import live_process
 
 Status = Literal["running", "starting", "dead"]
 
@@ -119,22 +120,6 @@ class VmRecord:
         return asdict(self)
 
 
-# psutil derives start times from /proc/stat's btime, which can drift by a second.
-START_TOLERANCE = 1.0
-
-
-def live_process(pid: int, proc_start: float) -> psutil.Process | None:
-    """The process ``pid`` if it is alive and is the one that started at ``proc_start``."""
-    try:
-        proc = psutil.Process(pid)
-        if (abs(proc.create_time() - proc_start) < START_TOLERANCE
-                and proc.status() != psutil.STATUS_ZOMBIE):
-            return proc
-    except psutil.Error:
-        pass
-    return None
-
-
 def pid_matches(pid: int, proc_start: float) -> bool:
     return live_process(pid, proc_start) is not None
 
@@ -203,7 +188,9 @@ class StateDB:
             self._query(sql, tuple(getattr(record, c) for c in cols))
         except sqlite3.IntegrityError:
             self.ensure_free(record.name)
-            raise
+            # The record that was in the way is already gone again.
+            raise DuplicateVm(f"another czonectl was creating or removing VM {record.name!r} "
+                              "at the same time; try again") from None
 
     def ensure_free(self, name: str) -> None:
         """Raise DuplicateVm if a record named ``name`` exists."""

@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
     for name in names:
         try:
             result = SCENARIOS[name]()
-        except CZoneError as e:
+        except (CZoneError, ValueError) as e:
             print(f"bench {name}: error: {e}", file=sys.stderr)
             return 1
         print(f"saved {report.save(name, result)}\n")

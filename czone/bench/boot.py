@@ -12,8 +12,9 @@ from czone import artifacts
 from czone.bench.report import median, table
 from czone.net import free_port
 from czone.qemu.cmdline import INIT_MARKER, READY_MARKER, Accel
-from czone.qemu.machine import Machine, spec_for
+from czone.qemu.machine import Machine
 from czone.state import run_root
+from czone.vmspec import spec_for
 
 TIMEOUT = 120.0
 

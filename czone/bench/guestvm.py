@@ -13,8 +13,9 @@ from czone import accel as accel_mod
 from czone import artifacts
 from czone.errors import CZoneError
 from czone.net import free_port
-from czone.qemu.machine import Machine, spec_for
+from czone.qemu.machine import Machine
 from czone.state import run_root
+from czone.vmspec import spec_for
 
 BOOT_TIMEOUT = 120.0
 

@@ -94,12 +94,20 @@ def qmp_socket_path(run_dir: Path) -> Path:
     return run_dir / "qmp.sock"
 
 
+def qmp_launch_socket_path(run_dir: Path) -> Path:
+    return run_dir / "qmp-launch.sock"
+
+
 def serial_log_path(run_dir: Path) -> Path:
     return run_dir / "serial.log"
 
 
 def qemu_log_path(run_dir: Path) -> Path:
     return run_dir / "qemu.log"
+
+
+def stats_log_path(run_dir: Path) -> Path:
+    return run_dir / "czone-stats.log"
 
 
 def opt_escape(value: str | Path) -> str:
@@ -142,9 +150,15 @@ def memory_device_args(spec: VmSpec) -> list[str]:
     if mode == "balloon":
         return ["-device", f"virtio-balloon-pci,id={dev_id},free-page-reporting=on"]
     device = "virtio-czone-pci" if mode == "czone" else "virtio-mem-pci"
-    return ["-object", f"memory-backend-memfd,id=mem-{dev_id},size={spec.device_memory_mib}M",
+    args = ["-object", f"memory-backend-memfd,id=mem-{dev_id},size={spec.device_memory_mib}M",
             "-device", f"{device},id={dev_id},memdev=mem-{dev_id},"
                        f"block-size={spec.block_mib}M,requested-size={spec.requested_mib}M"]
+    if mode == "czone":
+        # The stats snapshot carries no time; QEMU's log trace backend stamps each
+        # arrival with the wall clock, so `vm mem` can say how old the stats are.
+        args += ["-msg", "timestamp=on", "-trace", "enable=virtio_czone_stats",
+                 "-D", str(stats_log_path(spec.run_dir))]
+    return args
 
 
 def firmware_args(spec: VmSpec) -> list[str]:
@@ -183,9 +197,14 @@ def console_args(spec: VmSpec) -> list[str]:
 
 
 def qmp_args(spec: VmSpec) -> list[str]:
+    """Two monitors: qmp1 connects to the launcher, which listens before QEMU starts
+    (as QEMU's own machine.py does); qmp0 serves later czonectl processes."""
     sock = opt_escape(qmp_socket_path(spec.run_dir))
+    launch = opt_escape(qmp_launch_socket_path(spec.run_dir))
     return ["-chardev", f"socket,id=qmp0,path={sock},server=on,wait=off",
-            "-mon", "chardev=qmp0,mode=control"]
+            "-mon", "chardev=qmp0,mode=control",
+            "-chardev", f"socket,id=qmp1,path={launch},server=off",
+            "-mon", "chardev=qmp1,mode=control"]
 
 
 def build_argv(spec: VmSpec) -> list[str]:

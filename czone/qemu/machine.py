@@ -9,34 +9,40 @@ different process than the ``vm up`` that started QEMU, so everything
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
-from qemu.qmp import QMPError
+from qemu.qmp import ExecuteError, QMPError
 
-from czone.artifacts import Image, Kernel, firmware_dirs
 from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient, SshTimeout
 from czone.qemu.cmdline import (
     READY_MARKER,
-    Accel,
     VmSpec,
     build_argv,
     qemu_log_path,
+    qmp_launch_socket_path,
     qmp_socket_path,
     serial_log_path,
 )
-from czone.qemu.qmp import QmpSession
-from czone.state import live_process
+from czone.qemu.qmp import QmpClient, QmpCommandError, QmpTimeout
 
 TAIL_LINES = 25
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+# What a QMP connection raises when QEMU hangs, dies or hangs up.
+QMP_FAILURES = (QMPError, TimeoutError, EOFError, OSError)
+# psutil derives start times from /proc/stat's btime, which can drift by a second.
+START_TOLERANCE = 1.0
 
 
 class VmLaunchError(CZoneError):
@@ -53,10 +59,6 @@ class VmLaunchError(CZoneError):
         super().__init__("\n".join(parts))
 
 
-class QmpCommandError(CZoneError):
-    pass
-
-
 def tail(path: Path, lines: int = TAIL_LINES) -> str:
     try:
         data = path.read_bytes()[-64 * 1024:]
@@ -65,34 +67,73 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
-class Machine:
-    def __init__(self, spec: VmSpec, ssh_key: Path | None = None):
-        self.spec: VmSpec | None = spec
-        self._setup(spec.run_dir, spec.ssh_port, ssh_key)
-        self.argv = build_argv(spec)
+def live_process(pid: int, proc_start: float) -> psutil.Process | None:
+    """The process ``pid`` if it is alive and is the one that started at ``proc_start``."""
+    try:
+        proc = psutil.Process(pid)
+        if (abs(proc.create_time() - proc_start) < START_TOLERANCE
+                and proc.status() != psutil.STATUS_ZOMBIE):
+            return proc
+    except psutil.Error:
+        pass
+    return None
 
-    def _setup(self, run_dir: Path, ssh_port: int | None, ssh_key: Path | None) -> None:
-        self.run_dir = run_dir
-        self.ssh_port = ssh_port
-        self.ssh_key = ssh_key
+
+class LogFollower:
+    """A growing log file, read from where the last read stopped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = bytearray()
+        self._file: Any = None
+
+    def read(self) -> None:
+        if self._file is None:
+            try:
+                self._file = open(self.path, "rb")  # noqa: SIM115 (kept open while following)
+            except FileNotFoundError:
+                return
+        self.data += self._file.read()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.data.clear()
+
+
+class Machine:
+    qmp_timeout: float | None = 30.0
+
+    def __init__(self, spec: VmSpec | None, ssh_key: Path | None = None, *,
+                 run_dir: Path | None = None, ssh_port: int | None = None,
+                 proc: psutil.Process | None = None):
+        """A VM to launch from ``spec``; or, with ``spec=None``, a handle on the
+        running QEMU ``proc`` whose files are in ``run_dir`` (see ``attach``)."""
+        if spec is not None:
+            run_dir, ssh_port = spec.run_dir, spec.ssh_port
+        elif run_dir is None:
+            raise ValueError("a Machine needs a spec or a run_dir")
+        self.spec = spec
+        self.argv = build_argv(spec) if spec is not None else []
+        self.run_dir, self.ssh_port, self.ssh_key = run_dir, ssh_port, ssh_key
         self.qmp_socket = qmp_socket_path(run_dir)
+        self.qmp_launch_socket = qmp_launch_socket_path(run_dir)
         self.serial_log = serial_log_path(run_dir)
         self.qemu_log = qemu_log_path(run_dir)
-        self.argv: list[str] = []
-        self._popen: subprocess.Popen[bytes] | None = None
-        self._proc: psutil.Process | None = None
-        self._qmp: QmpSession | None = None
-        self.qmp_timeout: float | None = 30.0
+        self._proc = proc
+        self._launched = False
+        self._qmp: QmpClient | None = None
+        self._console = LogFollower(self.serial_log)
+        # The shutdown stage that ended QEMU: "quit", "SIGTERM" or "SIGKILL".
+        self.stopped_by: str | None = None
 
     @classmethod
     def attach(cls, run_dir: Path, pid: int, proc_start: float,
                ssh_port: int | None = None, ssh_key: Path | None = None) -> Machine:
         """A handle on a QEMU started by another process; a reused pid is never touched."""
-        m = cls.__new__(cls)
-        m.spec = None
-        m._setup(run_dir, ssh_port, ssh_key)
-        m._proc = live_process(pid, proc_start)
-        return m
+        return cls(None, ssh_key, run_dir=run_dir, ssh_port=ssh_port,
+                   proc=live_process(pid, proc_start))
 
     # -- process state -------------------------------------------------
 
@@ -107,9 +148,17 @@ class Machine:
         except psutil.Error:
             return None
 
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status once it has exited, if this process may collect it."""
+        if self._proc is None or self.is_running():
+            return None
+        try:
+            return self._proc.wait(0)
+        except psutil.Error:
+            return None
+
     def is_running(self) -> bool:
-        if self._popen is not None:
-            return self._popen.poll() is None
         if self._proc is None:
             return False
         try:
@@ -118,11 +167,14 @@ class Machine:
             return False
 
     def _wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.is_running():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
+        if self._proc is None:
+            return True
+        try:
+            self._proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            return False
+        except psutil.Error:
+            pass
         return True
 
     def _signal(self, sig: signal.Signals) -> None:
@@ -138,7 +190,7 @@ class Machine:
     def check_alive(self) -> None:
         """Raise VmLaunchError with QEMU's output if the process has exited."""
         if not self.is_running():
-            rc = self._popen.returncode if self._popen is not None else None
+            rc = self.returncode
             how = f" with status {rc}" if rc is not None else ""
             raise self._launch_error(f"QEMU exited{how}")
 
@@ -147,58 +199,72 @@ class Machine:
     def launch(self, qmp_timeout: float = 15.0) -> None:
         if self.spec is None:
             raise CZoneError("an attached Machine cannot be launched")
-        if self._popen is not None:
+        if self._launched:
             raise CZoneError(f"VM {self.spec.name} was already launched")
-        if len(str(self.qmp_socket)) > MAX_SOCKET_PATH:
-            raise VmLaunchError(f"QMP socket path too long for AF_UNIX: {self.qmp_socket}",
-                                self.argv)
+        for path in (self.qmp_socket, self.qmp_launch_socket):
+            if len(str(path)) > MAX_SOCKET_PATH:
+                raise VmLaunchError(f"QMP socket path too long for AF_UNIX: {path}", self.argv)
+        self._launched = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for f in (self.qmp_socket, self.serial_log):
+        for f in (self.qmp_socket, self.qmp_launch_socket, self.serial_log):
             f.unlink(missing_ok=True)
+        qmp = QmpClient(str(self.qmp_launch_socket), server=True, nickname=self.spec.name)
         try:
             with open(self.qemu_log, "wb") as log:
                 # Own session and no stdio from us: QEMU outlives `czonectl vm up`.
-                self._popen = subprocess.Popen(
+                self._proc = psutil.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True, close_fds=True)
         except OSError as e:
+            _close(qmp)
             raise VmLaunchError(f"cannot execute QEMU: {e}", self.argv) from e
-        self._proc = psutil.Process(self._popen.pid)
         try:
-            self._connect_qmp(qmp_timeout)
+            self._accept_qmp(qmp, qmp_timeout)
         except BaseException:
             self.shutdown(timeout=3.0)
             raise
 
-    def _connect_qmp(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
+    def _accept_qmp(self, qmp: QmpClient, timeout: float) -> None:
+        pending = threading.Event()
+        pending.set()
+        threading.Thread(target=self._wake_accept_on_exit, args=(pending, timeout),
+                         daemon=True).start()
+        try:
+            qmp.accept(timeout)
+        except QMP_FAILURES as e:
+            _close(qmp)
             self.check_alive()
-            if self.qmp_socket.exists():
-                session = QmpSession(self.qmp_socket)
-                try:
-                    session.connect(timeout=max(0.5, deadline - time.monotonic()))
-                    self._qmp = session
-                    return
-                except (TimeoutError, QMPError, OSError) as e:
-                    session.close()
-                    last = e
-            time.sleep(0.05)
-        self.check_alive()
-        raise self._launch_error(f"QMP socket {self.qmp_socket} not ready after {timeout:.0f}s"
-                                 + (f" ({last})" if last else ""))
+            why = "" if isinstance(e, TimeoutError) else f" ({str(e) or type(e).__name__})"
+            raise self._launch_error(f"QEMU did not connect to QMP at {self.qmp_launch_socket} "
+                                     f"within {timeout:.0f}s{why}") from None
+        finally:
+            pending.clear()
+            self.qmp_launch_socket.unlink(missing_ok=True)
+        self._qmp = qmp
+
+    def _wake_accept_on_exit(self, pending: threading.Event, timeout: float) -> None:
+        """A QEMU that exits before it connects would leave accept() waiting out its
+        timeout; connecting once makes accept() fail at once instead."""
+        assert self.pid is not None
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            exited = select.select([pidfd], [], [], timeout)[0]
+        finally:
+            os.close(pidfd)
+        if exited and pending.is_set():
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(self.qmp_launch_socket))
 
     def wait_for_console(self, marker: str, timeout: float) -> None:
-        """Wait until ``marker`` appears on the serial console."""
+        """Wait until ``marker`` appears on the serial console (read incrementally)."""
         deadline = time.monotonic() + timeout
         needle = marker.encode()
+        start = 0
         while True:
-            try:
-                if needle in self.serial_log.read_bytes():
-                    return
-            except FileNotFoundError:
-                pass
+            self._console.read()
+            if needle in self._console.data[start:]:
+                return
+            start = max(0, len(self._console.data) - len(needle) + 1)
             self.check_alive()
             if time.monotonic() >= deadline:
                 raise self._launch_error(
@@ -222,67 +288,88 @@ class Machine:
                              f"{tail(self.serial_log)}") from None
         return client
 
-    def _ensure_qmp(self) -> QmpSession:
+    def _ensure_qmp(self, timeout: float | None = None) -> QmpClient:
         if self._qmp is None:
             if not self.is_running():
                 raise CZoneError("QEMU is not running")
-            session = QmpSession(self.qmp_socket)
+            timeout = timeout or self.qmp_timeout
+            qmp = QmpClient(str(self.qmp_socket))
             try:
-                session.connect()
-            except (TimeoutError, QMPError, OSError) as e:
-                session.close()
-                raise CZoneError(f"cannot connect to QMP at {self.qmp_socket}: {e}") from e
-            self._qmp = session
+                qmp.connect(timeout=timeout)
+            except QMP_FAILURES as e:
+                _close(qmp)
+                raise QmpCommandError(f"cannot connect to QMP at {self.qmp_socket}: "
+                                      f"{_why(e, timeout)}") from None
+            self._qmp = qmp
         return self._qmp
 
     def qmp(self, cmd: str, /, **args: Any) -> Any:
         """Run a QMP command and return its ``return`` value (``qmp_timeout`` applies)."""
-        session = self._ensure_qmp()
+        qmp = self._ensure_qmp()
+        qmp.settimeout(self.qmp_timeout)
         try:
-            return session.execute(cmd, args, self.qmp_timeout)
-        except QMPError as e:
-            raise QmpCommandError(f"QMP {cmd} failed: {e}") from e
+            return qmp.cmd(cmd, **args)
+        except ExecuteError as e:
+            raise QmpCommandError(f"QMP {cmd} failed: {e}") from None
+        except QMP_FAILURES as e:
+            self._close_qmp()
+            raise QmpCommandError(f"QMP {cmd} to QEMU pid {self.pid} failed: "
+                                  f"{_why(e, self.qmp_timeout)}") from None
 
     def wait_event(self, name: str, timeout: float, **match: Any) -> dict[str, Any]:
         """The next QMP event ``name`` whose data has every ``match`` item."""
-        return self._ensure_qmp().wait_event(name, timeout, match)
+        qmp = self._ensure_qmp()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = qmp.pull_event(wait=float(left))
+            except TimeoutError:
+                break
+            except QMP_FAILURES as e:
+                raise QmpCommandError(f"waiting for QMP event {name}: {_why(e, left)}") from None
+            data = event.get("data", {}) if event else {}
+            if event and event["event"] == name and all(data.get(k) == v
+                                                        for k, v in match.items()):
+                return event
+        raise QmpTimeout(f"no QMP event {name} {match or ''} within {timeout:.0f}s")
 
     def _close_qmp(self) -> None:
         if self._qmp is not None:
-            self._qmp.close()
+            _close(self._qmp)
             self._qmp = None
 
     def _try_quit(self, timeout: float) -> bool:
         """Send QMP quit; False if QMP could not even be reached."""
         try:
-            session = self._ensure_qmp()
+            qmp = self._ensure_qmp(min(timeout, 5.0))
         except CZoneError:
             return False
-        try:
-            session.execute("quit", None, min(timeout, 5.0))
-        except (TimeoutError, QMPError, OSError, EOFError):
-            pass  # QEMU may hang up before it answers quit
+        qmp.settimeout(min(timeout, 5.0))
+        with contextlib.suppress(*QMP_FAILURES):
+            qmp.cmd("quit")  # QEMU may hang up before it answers quit
         return True
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """QMP quit, then SIGTERM, then SIGKILL; idempotent."""
         if self.is_running():
-            exited = self._try_quit(timeout) and self._wait_exit(timeout)
-            if not exited:
+            if self._try_quit(timeout) and self._wait_exit(timeout):
+                self.stopped_by = "quit"
+            else:
                 self._signal(signal.SIGTERM)
+                self.stopped_by = "SIGTERM"
                 if not self._wait_exit(timeout):
                     self._signal(signal.SIGKILL)
+                    self.stopped_by = "SIGKILL"
                     self._wait_exit(5.0)
         self._close_qmp()
-        if self._popen is not None:
-            try:
-                self._popen.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                pass
+        self._console.close()
+        if self._launched:
+            self._wait_exit(5.0)  # reap our child
 
     def close(self) -> None:
         """Drop our QMP connection but leave QEMU running (``vm up`` exits after this)."""
         self._close_qmp()
+        self._console.close()
 
     def kill(self) -> None:
         """Immediate SIGKILL, for cleanup paths that must not wait."""
@@ -297,13 +384,16 @@ class Machine:
         self.shutdown()
 
 
-def spec_for(name: str, run_dir: Path, kernel: Kernel, image: Image, qemu: Path, accel: Accel,
-             ssh_port: int | None, memory_mib: int = 512, cpus: int = 1,
-             **extra: Any) -> VmSpec:
-    """A VmSpec for our kernel and image, with Debian's firmware dirs."""
-    return VmSpec(name=name, memory_mib=memory_mib, cpus=cpus, kernel=kernel.vmlinux,
-                  rootfs=image.rootfs, fnbase=image.fnbase, qemu=qemu, accel=accel,
-                  ssh_port=ssh_port, run_dir=run_dir, firmware_dirs=tuple(firmware_dirs()), **extra)
+def _why(e: BaseException, timeout: float | None) -> str:
+    if isinstance(e, TimeoutError):
+        return f"no answer within {timeout or 0:g}s (QEMU hung?)"
+    return f"connection lost ({str(e) or type(e).__name__})"
+
+
+def _close(qmp: QmpClient) -> None:
+    # disconnect() re-raises whatever broke the connection; we are done with it anyway.
+    with contextlib.suppress(*QMP_FAILURES):
+        qmp.close()
 
 
 def own_qemu_processes(run_dir: Path) -> list[psutil.Process]:

@@ -1,132 +1,143 @@
-"""QMP on top of ``qemu.qmp``: a synchronous session, events with timeouts,
-and the memory-device operations (czone-virtio, virtio-mem, balloon)."""
+"""QMP on top of ``qemu.qmp``: the library's synchronous client, and the
+memory-device operations (czone-virtio, virtio-mem, balloon).
+
+The operations take any ``Monitor`` (in practice a ``Machine``), so this
+module does not depend on ``machine.py``.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import logging
+import os
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from czone.errors import CZoneError
 
-if TYPE_CHECKING:
-    from czone.qemu.machine import Machine
+# The library logs every failed connection as an error; ours raise instead.
+logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
+
+STATS_TRACE = re.compile(r"\d+@(\d+\.\d+):virtio_czone_stats ")
 
 
 class QmpTimeout(CZoneError):
     pass
 
 
-class QmpSession:
-    """Synchronous wrapper around ``qemu.qmp.QMPClient`` with its own event loop."""
+class QmpCommandError(CZoneError):
+    pass
 
-    def __init__(self, socket_path: Path, name: str = "czone"):
-        self.socket_path = socket_path
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient(name)
 
-    def _run(self, coro: Any, timeout: float | None) -> Any:
-        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+class QmpClient(QEMUMonitorProtocol):
+    """The library's synchronous client, plus the timeout its ``connect`` lacks:
+    a hung QEMU still accepts the connection but never sends its greeting."""
 
-    def connect(self, timeout: float = 5.0) -> None:
-        self._run(self._client.connect(str(self.socket_path)), timeout)
+    def connect(self, negotiate: bool = True,
+                timeout: float | None = None) -> dict[str, Any] | None:
+        self._qmp.await_greeting = negotiate
+        self._qmp.negotiate = negotiate
+        self._sync(self._qmp.connect(self._address), timeout)
+        return self._get_greeting()
 
-    def execute(self, cmd: str, args: dict[str, Any] | None = None,
-                timeout: float | None = 30.0) -> Any:
-        return self._run(self._client.execute(cmd, args or None), timeout)
 
-    def wait_event(self, name: str, timeout: float,
-                   match: dict[str, Any] | None = None) -> dict[str, Any]:
-        async def next_match() -> dict[str, Any]:
-            while True:
-                event = await self._client.events.get()
-                data = event.get("data", {})
-                if event["event"] == name and all(data.get(k) == v
-                                                  for k, v in (match or {}).items()):
-                    return dict(event)
-        try:
-            return self._run(next_match(), timeout)
-        except TimeoutError:
-            raise QmpTimeout(f"no QMP event {name} {match or ''} within {timeout:.0f}s") from None
+class Monitor(Protocol):
+    def qmp(self, cmd: str, /, **args: Any) -> Any: ...
 
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            self._run(self._client.disconnect(), 5.0)
-        except (TimeoutError, QMPError, OSError, EOFError):
-            pass
-        finally:
-            self._loop.close()
+    def wait_event(self, name: str, timeout: float, **match: Any) -> dict[str, Any]: ...
 
 
 def peripheral(dev_id: str) -> str:
     return f"/machine/peripheral/{dev_id}"
 
 
-def set_requested_size(vm: Machine, dev_id: str, nbytes: int) -> None:
+def set_requested_size(vm: Monitor, dev_id: str, nbytes: int) -> None:
     """Ask a czone-virtio or virtio-mem device to grow or shrink to ``nbytes``."""
     vm.qmp("qom-set", path=peripheral(dev_id), property="requested-size", value=nbytes)
 
 
-def requested_size(vm: Machine, dev_id: str) -> int:
+def requested_size(vm: Monitor, dev_id: str) -> int:
     """Bytes the host currently lets the guest plug."""
     return int(vm.qmp("qom-get", path=peripheral(dev_id), property="requested-size"))
 
 
-def device_size(vm: Machine, dev_id: str) -> int:
+def device_size(vm: Monitor, dev_id: str) -> int:
     """Bytes the guest has plugged."""
     return int(vm.qmp("qom-get", path=peripheral(dev_id), property="size"))
 
 
-def czone_stats(vm: Machine, dev_id: str = "czdev0") -> list[dict[str, int]]:
+def czone_stats(vm: Monitor, dev_id: str = "czdev0") -> list[dict[str, int]]:
     """The guest's last per-CZone usage report."""
     return list(vm.qmp("qom-get", path=peripheral(dev_id), property="stats"))
 
 
-def wait_size(vm: Machine, dev_id: str, nbytes: int, timeout: float,
-              poll: float = 0.1) -> int:
-    """Wait until the plugged size is ``nbytes``.
+def czone_stats_time(stats_log: Path) -> float | None:
+    """Wall-clock time of the last stats snapshot, from QEMU's trace of its arrival
+    (``pid@seconds.micros:virtio_czone_stats nr_czones=N``); None before the first."""
+    try:
+        with open(stats_log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        if m := STATS_TRACE.match(line):
+            return float(m.group(1))
+    return None
 
-    MEMORY_DEVICE_SIZE_CHANGE is rate-limited to one per second, so it is
-    only a hint to look again; the size itself is read with qom-get at
-    least every ``poll`` seconds.
+
+def _wait_until(vm: Monitor, read: Callable[[], int], done: Callable[[int], bool],
+                event: str, match: dict[str, Any], timeout: float, poll: float | None,
+                what: str, want: int) -> int:
+    """Read until ``done``; each ``event`` (or ``poll`` seconds without one) reads again.
+
+    QEMU rate-limits MEMORY_DEVICE_SIZE_CHANGE and BALLOON_CHANGE to one a
+    second and sends the last value late, so a caller that times the change
+    passes a short ``poll``.
     """
     deadline = time.monotonic() + timeout
-    while (size := device_size(vm, dev_id)) != nbytes:
+    while not done(value := read()):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise QmpTimeout(f"{dev_id}: size stayed {size}, wanted {nbytes} "
-                             f"after {timeout:.0f}s")
+            raise QmpTimeout(f"{what} stayed at {value}, wanted {want} after {timeout:g}s")
         try:
-            vm.wait_event("MEMORY_DEVICE_SIZE_CHANGE", min(left, poll), id=dev_id)
+            vm.wait_event(event, min(left, poll or left), **match)
         except QmpTimeout:
             pass
-    return size
+    return value
 
 
-def balloon_target(vm: Machine, nbytes: int) -> None:
+def wait_size(vm: Monitor, dev_id: str, nbytes: int, timeout: float,
+              poll: float | None = 0.1) -> int:
+    """Wait until the plugged size is ``nbytes``."""
+    return _wait_until(vm, lambda: device_size(vm, dev_id), lambda s: s == nbytes,
+                       "MEMORY_DEVICE_SIZE_CHANGE", {"id": dev_id}, timeout, poll,
+                       f"{dev_id}: size", nbytes)
+
+
+def balloon_target(vm: Monitor, nbytes: int) -> None:
     vm.qmp("balloon", value=nbytes)
 
 
-def balloon_actual(vm: Machine) -> int:
+def balloon_actual(vm: Monitor) -> int:
     return int(vm.qmp("query-balloon")["actual"])
 
 
-def wait_balloon(vm: Machine, nbytes: int, timeout: float, poll: float = 0.05) -> int:
-    """Wait until the balloon has shrunk the guest to ``nbytes`` or less."""
-    deadline = time.monotonic() + timeout
-    while (actual := balloon_actual(vm)) > nbytes:
-        if time.monotonic() > deadline:
-            raise QmpTimeout(f"balloon: guest stayed at {actual}, wanted {nbytes} "
-                             f"after {timeout:.0f}s")
-        time.sleep(poll)
-    return actual
+def wait_balloon(vm: Monitor, nbytes: int, timeout: float, poll: float | None = None) -> int:
+    """Wait until the balloon has moved the guest to ``nbytes``: down to it or
+    below when shrinking, up to it or above when growing."""
+    shrink = balloon_actual(vm) > nbytes
+    return _wait_until(vm, lambda: balloon_actual(vm),
+                       lambda a: a <= nbytes if shrink else a >= nbytes,
+                       "BALLOON_CHANGE", {}, timeout, poll,
+                       "balloon: guest", nbytes)
 
 
-__all__ = ["QmpSession", "QmpTimeout", "QMPError", "balloon_actual", "balloon_target",
-           "czone_stats", "device_size", "peripheral", "requested_size", "set_requested_size",
-           "wait_balloon", "wait_size"]
+__all__ = ["Monitor", "QmpClient", "QmpCommandError", "QmpTimeout", "QMPError",
+           "balloon_actual", "balloon_target", "czone_stats", "device_size", "peripheral",
+           "requested_size", "set_requested_size", "wait_balloon", "wait_size"]

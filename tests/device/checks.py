@@ -1,8 +1,23 @@
-"""Shared by the standalone device scripts: PASS/FAIL lines, exit status, QEMU stop."""
+"""Shared by the standalone device scripts: the QEMU to test, PASS/FAIL lines,
+exit status, QEMU stop."""
 
 import sys
 
+from czone import artifacts
+from czone.errors import CZoneError
+
 _failures = 0
+
+
+def qemu_binary():
+    """The QEMU named on the command line, else the one in the artifact cache
+    (``$CZONE_QEMU`` overrides it), as for everything else."""
+    if len(sys.argv) > 1:
+        return sys.argv[1]
+    try:
+        return str(artifacts.qemu_binary())
+    except CZoneError as e:
+        sys.exit(f"{sys.argv[0]}: {e}")
 
 
 def check(cond, what):

@@ -1,21 +1,20 @@
 #!/usr/bin/env python3
 """QMP checks for virtio-czone-pci (no guest driver needed).
 
-Usage: qmp_check.py QEMU_BINARY
+Usage: qmp_check.py [QEMU_BINARY]   (default: the QEMU `make qemu` built)
 Starts QEMU itself, runs the checks, prints PASS/FAIL lines, exits non-zero
 on any failure.
 """
 import asyncio
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
-from checks import check, finish, stop
+from checks import check, finish, qemu_binary, stop
 from qemu.qmp import ExecuteError, QMPClient
 
-QEMU = sys.argv[1] if len(sys.argv) > 1 else "/work/qdev-obj/qemu-system-x86_64"
+QEMU = qemu_binary()
 MiB = 1 << 20
 GiB = 1 << 30
 BASE = ["-M", "q35", "-nodefaults", "-L", "/usr/share/qemu",

@@ -10,23 +10,23 @@ change ISR bit, RSS going down on UNPLUG/DISCARD, virtio_error() on
 malformed buffers (device NEEDS_RESET, QEMU alive), and unplug-all on
 system reset.
 
-Usage: [VQ_TRACE=1] vq_poke.py QEMU_BINARY   (VQ_TRACE=1: -trace virtio_czone_*)
+Usage: [VQ_TRACE=1] vq_poke.py [QEMU_BINARY]
+(default QEMU: the one `make qemu` built; VQ_TRACE=1: -trace virtio_czone_*)
 """
 import asyncio
 import os
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 
-from checks import check, finish, stop
+from checks import check, finish, qemu_binary, stop
 from qemu.qmp import QMPClient
 
 from czone import hostmem
 
-QEMU = sys.argv[1] if len(sys.argv) > 1 else "/work/qdev-obj/qemu-system-x86_64"
+QEMU = qemu_binary()
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 REQ_PLUG, REQ_UNPLUG, REQ_UNPLUG_ALL, REQ_DISCARD, REQ_STATE = range(5)

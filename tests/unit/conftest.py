@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,14 @@ def fake_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str,
     monkeypatch.setenv("CZONE_QEMU", str(qemu))
     return {"vmlinux": k / "vmlinux", "rootfs": i / "rootfs.squashfs", "qemu": qemu,
             "key": i / "id_ed25519"}
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    path = tmp_path / "id_ed25519"
+    # paramiko can read but not generate ed25519 keys.
+    if not shutil.which("ssh-keygen"):
+        pytest.skip("ssh-keygen not installed")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+                   check=True)
+    return path

@@ -1,3 +1,4 @@
+from czone.bench import __main__ as bench_main
 from czone.bench import guestvm, report
 
 
@@ -17,3 +18,10 @@ def test_median_and_table():
     text = report.table(["a", "b"], [["x", 1.23456], ["y", 2]])
     assert text.splitlines()[0] == "| a | b |"
     assert "| x | 1.23 |" in text and "| y | 2 |" in text
+
+
+def test_bad_bench_settings_are_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("CZONE_RECLAIM_SIZES", "lots")
+    assert bench_main.main(["reclaim"]) == 1
+    assert capsys.readouterr().err == (
+        "bench reclaim: error: CZONE_RECLAIM_SIZES='lots': want MiB like 64,256,1024\n")

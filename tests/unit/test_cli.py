@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -14,19 +17,47 @@ from click.testing import CliRunner
 
 from czone import accel
 from czone.cli import cli
+from czone.net import free_port
+from czone.qemu.machine import Machine
 from czone.state import StateDB, VmRecord, process_start
+
+FAKE_QEMU = Path(__file__).with_name("fake_qemu.py")
 
 
 def invoke(*args: str):  # noqa: ANN201
     return CliRunner().invoke(cli, list(args))
 
 
-def add_record(name: str, pid: int | None = None, start: float | None = None) -> None:
+def add_record(name: str, pid: int | None = None, start: float | None = None,
+               run_dir: str = "/nonexistent", ssh_port: int = 1, ssh_key: str = "/k") -> None:
     pid = pid or os.getpid()
     StateDB().reserve(VmRecord(
         name=name, state="up", pid=pid, proc_start=start or process_start(pid),
-        qmp_socket="/nonexistent/qmp.sock", ssh_port=1, ssh_key="/k",
-        run_dir="/nonexistent", accel="tcg", memory_mib=512, cpus=1, created=1.0))
+        qmp_socket=f"{run_dir}/qmp.sock", ssh_port=ssh_port, ssh_key=ssh_key,
+        run_dir=run_dir, accel="tcg", memory_mib=512, cpus=1, created=1.0))
+
+
+@pytest.fixture
+def fake_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Start a stand-in QEMU (tests/unit/fake_qemu.py) serving QMP, recorded as VM ``name``."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, mode: str) -> subprocess.Popen[bytes]:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        p = subprocess.Popen([sys.executable, str(FAKE_QEMU),
+                              f"socket,id=qmp0,path={run_dir}/qmp.sock,server=on"],
+                             env={**os.environ, "FAKE_QEMU": mode}, stdout=subprocess.PIPE)
+        procs.append(p)
+        assert p.stdout is not None and p.stdout.readline() == b"fake qemu ready\n"
+        add_record(name, p.pid, process_start(p.pid), run_dir=str(run_dir))
+        return p
+
+    monkeypatch.setattr(Machine, "qmp_timeout", 1.0)
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
 
 
 def dead_pid() -> int:
@@ -124,7 +155,38 @@ def test_qemu_exiting_early_shows_stderr(fake_artifacts: dict,
     assert "czonectl: error: QEMU exited with status 1" in r.output
     assert "qemu: boom: bad option" in r.output
     assert StateDB().list() == []
-    assert not StateDB().vm_dir("early").exists()
+    run_dir = StateDB().vm_dir("early")
+    assert f"logs of the failed boot are kept in {run_dir}/" in r.output
+    assert "boom" in (run_dir / "qemu.log").read_text()
+
+
+def use_fake_qemu(fake_artifacts: dict, monkeypatch: pytest.MonkeyPatch, key: Path) -> None:
+    monkeypatch.setenv("CZONE_ACCEL", "tcg")
+    fake_artifacts["qemu"].write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_QEMU} "$@"\n')
+    shutil.copy(key, fake_artifacts["key"])
+
+
+def test_ssh_never_up_keeps_the_logs(fake_artifacts: dict, monkeypatch: pytest.MonkeyPatch,
+                                     key: Path) -> None:
+    use_fake_qemu(fake_artifacts, monkeypatch, key)
+    r = invoke("vm", "up", "--name", "nossh", "--boot-timeout", "1")
+    assert r.exit_code == 1, r.output
+    assert "czonectl: error: SSH to root@127.0.0.1:" in r.output
+    assert "not ready after 1s" in r.output
+    run_dir = StateDB().vm_dir("nossh")
+    assert f"logs of the failed boot are kept in {run_dir}/ (serial.log, qemu.log)" in r.output
+    assert "no sshd here" in (run_dir / "serial.log").read_text()
+    assert StateDB().list() == []
+
+
+def test_launch_without_a_process_start_is_one_line(fake_artifacts: dict, key: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    use_fake_qemu(fake_artifacts, monkeypatch, key)
+    monkeypatch.setattr(Machine, "proc_start", property(lambda self: None))
+    r = invoke("vm", "up", "--name", "gone")
+    assert r.exit_code == 1
+    assert "czonectl: error: QEMU of VM gone exited right after it connected to QMP" in r.output
+    assert "Traceback" not in r.output and StateDB().list() == []
 
 
 def test_list_shows_dead_and_json() -> None:
@@ -157,11 +219,55 @@ def test_console_script_entry_point() -> None:
     assert r.returncode == 0 and "vm" in r.stdout
 
 
-def test_ssh_connection_failure_is_clean() -> None:
-    add_record("vm0")  # "running" (our own pid) but nothing listens on its port
+def test_ssh_connection_refused_is_clean(key: Path) -> None:
+    port = free_port()
+    add_record("vm0", ssh_port=port, ssh_key=str(key))  # "running" (our pid), port closed
     r = invoke("vm", "ssh", "vm0", "--", "true")
-    assert r.exit_code == 1 and r.output.startswith("czonectl: error: ")
+    assert r.exit_code == 1
+    assert r.output.startswith(f"czonectl: error: cannot connect to root@127.0.0.1:{port}: "
+                               "NoValidConnectionsError")
+    assert len(r.output.splitlines()) == 1
+
+
+def test_mem_of_a_hung_qemu_is_one_line(fake_vm) -> None:  # noqa: ANN001
+    p = fake_vm("hung", "hang")
+    r = invoke("vm", "mem", "hung")
+    assert r.exit_code == 1
+    assert r.output.splitlines()[-1] == (
+        f"czonectl: error: QMP query-memory-devices to QEMU pid {p.pid} failed: "
+        "no answer within 1s (QEMU hung?)")
     assert "Traceback" not in r.output
+
+
+def test_mem_shows_the_age_of_the_czone_stats(fake_vm, tmp_path: Path) -> None:  # noqa: ANN001
+    fake_vm("cz", "czone")
+    r = invoke("vm", "mem", "cz")
+    assert r.exit_code == 0, r.output
+    assert "per-CZone stats as the guest last sent them, no snapshot received yet:" in r.output
+    (tmp_path / "cz" / "czone-stats.log").write_text(
+        f"77@{time.time() - 30:.6f}:virtio_czone_stats nr_czones=2\n"
+        f"77@{time.time() - 2.5:.6f}:virtio_czone_stats nr_czones=1\n")
+    r = invoke("vm", "mem", "cz")
+    assert re.search(r"per-CZone stats as the guest last sent them, 2\.[56] s ago:\n"
+                     r"CZONE .*\n1 +8 +56 +8 +64\n$", r.output), r.output
+
+
+def test_resize_balloon_waits_for_the_guest(fake_vm) -> None:  # noqa: ANN001
+    fake_vm("b1", "ok")
+    r = invoke("vm", "resize", "b1", "256", "--timeout", "5")
+    assert (r.exit_code, r.output) == (0, "balloon: target 256 MiB, guest at 256 MiB\n")
+
+
+def test_resize_balloon_honours_the_timeout(fake_vm) -> None:  # noqa: ANN001
+    fake_vm("b2", "balloon-stuck")
+    r = invoke("vm", "resize", "b2", "256", "--timeout", "0.5")
+    assert r.exit_code == 1
+    assert r.output == ("czonectl: error: balloon: guest stayed at 536870912, "
+                        "wanted 268435456 after 0.5s\n")
+    r = invoke("vm", "resize", "b2", "256", "--timeout", "0")
+    assert (r.exit_code, r.output) == (0, "balloon target 256 MiB\n")
+    r = invoke("vm", "resize", "b2", "1024", "--timeout", "0")
+    assert r.exit_code == 1 and "more than its 512 MiB of boot memory" in r.output
 
 
 def test_down_dead_kills_stray_qemu(tmp_path: Path) -> None:

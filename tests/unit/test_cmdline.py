@@ -71,8 +71,31 @@ def test_commas_escaped() -> None:
     assert "file,id=serial0,path=/r,,x/serial.log" in argv
 
 
-def test_pure() -> None:
-    assert build_argv(SPEC) == build_argv(SPEC)
+def test_argv_is_the_spec_and_nothing_else(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole command line, in order, wherever and however it is built."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("CZONE_QEMU", "CZONE_KERNEL", "CZONE_CACHE", "CZONE_RUN", "CZONE_ACCEL"):
+        monkeypatch.setenv(var, str(tmp_path / "elsewhere"))
+    assert build_argv(SPEC) == [
+        "/q/qemu-system-x86_64", "-name", "czone-vm0",
+        "-nodefaults", "-no-user-config", "-no-reboot",
+        "-L", "/usr/share/qemu", "-L", "/usr/share/seabios",
+        "-M", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2",
+        "-m", "512M,slots=8,maxmem=4608M",
+        "-kernel", "/k/vmlinux", "-append", BASE_APPEND,
+        "-drive", "file=/i/rootfs.squashfs,if=none,id=root,format=raw,readonly=on",
+        "-device", "virtio-blk-pci,drive=root",
+        "-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22",
+        "-device", "virtio-net-pci,netdev=n0,romfile=",
+        "-display", "none",
+        "-chardev", "file,id=serial0,path=/run/vm0/serial.log", "-serial", "chardev:serial0",
+        # qmp0 serves later czonectl processes; qmp1 connects to the launcher.
+        "-chardev", "socket,id=qmp0,path=/run/vm0/qmp.sock,server=on,wait=off",
+        "-mon", "chardev=qmp0,mode=control",
+        "-chardev", "socket,id=qmp1,path=/run/vm0/qmp-launch.sock,server=off",
+        "-mon", "chardev=qmp1,mode=control",
+    ]
 
 
 @pytest.mark.parametrize("change", [{"memory_mib": 0}, {"cpus": 0}, {"accel": "hvf"},
@@ -97,6 +120,10 @@ def test_hotplug_memory_modes(mode, device):
     assert (f"{device},id={dev_id},memdev=mem-{dev_id},block-size=2M,"
             "requested-size=256M") in argv
     assert "512M,slots=8,maxmem=4608M" in argv
+    trace = ["-msg", "timestamp=on", "-trace", "enable=virtio_czone_stats",
+             "-D", "/run/vm0/czone-stats.log"]
+    assert [argv[i:i + 6] for i, a in enumerate(argv) if a == "-msg"] == \
+        ([trace] if mode == "czone" else [])
 
 
 def test_balloon_mode_reports_free_pages():

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,17 +10,6 @@ import pytest
 from czone.errors import CZoneError
 from czone.guest.ssh import GuestCommandError, Result, SSHClient, SshError, SshTimeout
 from czone.net import free_port
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "id_ed25519"
-    # paramiko can read but not generate ed25519 keys.
-    if not shutil.which("ssh-keygen"):
-        pytest.skip("ssh-keygen not installed")
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
-                   check=True)
-    return path
 
 
 def test_wait_ready_times_out_on_closed_port(key: Path) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -99,3 +100,16 @@ def test_reserve_launch_then_mark_up() -> None:
 def test_invalid_names(name: str) -> None:
     with pytest.raises(InvalidName):
         validate_name(name)
+
+
+def test_lost_race_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The INSERT collides with a record that another czonectl removes right after."""
+    def collide(self: StateDB, sql: str, args: tuple = ()) -> list:
+        if sql.startswith("INSERT"):
+            raise sqlite3.IntegrityError("UNIQUE constraint failed: vms.name")
+        return []
+
+    monkeypatch.setattr(StateDB, "_query", collide)
+    with pytest.raises(DuplicateVm, match="another czonectl was creating or removing VM 'vm0' "
+                                          "at the same time; try again"):
+        StateDB().reserve(record())

@@ -19,8 +19,9 @@ from czone import accel as accel_mod
 from czone import artifacts as art
 from czone.net import free_port
 from czone.qemu.cmdline import Accel
-from czone.qemu.machine import Machine, spec_for
+from czone.qemu.machine import Machine
 from czone.state import run_root
+from czone.vmspec import spec_for
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = float(os.environ.get("CZONE_TEST_BOOT_TIMEOUT", "60"))

@@ -15,13 +15,20 @@ DMESG_BAD = re.compile(
 CZONE_VM = {"memory_mib": 1536, "extra_append": "movablecore=1024M"}
 
 
+# The last line every czt.h program prints when nothing failed.
+SUMMARY_OK = "OK: 0 failure(s)"
+
+
 def run_program(vm: Machine, cmd: str, timeout: float = 600) -> str:
-    """Run an in-guest test program; it must exit 0 and print no FAIL line."""
+    """Run an in-guest test program; it must exit 0, print no FAIL line and end
+    with its own summary line (a crash or an early exit 0 prints none)."""
     with vm.ssh() as ssh:
         res = ssh.run(f"{cmd} 2>&1", timeout=timeout)
     out = res.stdout
-    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    lines = out.splitlines()
+    fails = [line for line in lines if line.startswith("FAIL")]
     assert res.rc == 0 and not fails, f"{cmd} exited {res.rc}:\n{out}"
+    assert lines and lines[-1] == SUMMARY_OK, f"{cmd} did not end with {SUMMARY_OK!r}:\n{out}"
     return out
 
 

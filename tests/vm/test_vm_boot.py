@@ -8,16 +8,19 @@ import psutil
 import pytest
 
 from czone.guest.ssh import SshTimeout
-from czone.qemu.cmdline import INIT_MARKER, READY_MARKER
+from czone.qemu.cmdline import INIT_MARKER, READY_MARKER, kernel_append
 from czone.qemu.machine import Machine, VmLaunchError
 
 pytestmark = pytest.mark.vm
 
 
-def test_boot_reaches_init_and_ssh(booted_vm: Machine) -> None:
+def test_guest_booted_our_command_line_then_init_then_sshd(booted_vm: Machine) -> None:
+    assert booted_vm.spec is not None
     console = booted_vm.serial_log.read_text(errors="replace")
-    assert INIT_MARKER in console
-    assert READY_MARKER in console
+    [cmdline] = re.findall(r"^\[[ \d.]+\] Command line: (.*)$", console, re.M)
+    assert cmdline.strip() == kernel_append(booted_vm.spec)
+    assert console.index("Command line:") < console.index(INIT_MARKER) \
+        < console.index(READY_MARKER)
 
 
 def test_uname_is_czone_kernel(booted_vm: Machine, artifacts) -> None:
@@ -51,7 +54,11 @@ def test_shutdown_is_staged_and_idempotent(booted_vm: Machine) -> None:
     pid = booted_vm.pid
     booted_vm.shutdown(timeout=20)
     assert not booted_vm.is_running() and not psutil.pid_exists(pid)
+    # QMP quit ended QEMU, not the SIGTERM stage after it.
+    assert (booted_vm.stopped_by, booted_vm.returncode) == ("quit", 0)
+    assert "terminating on signal" not in booted_vm.qemu_log.read_text()
     booted_vm.shutdown(timeout=1)
+    assert booted_vm.stopped_by == "quit"
 
 
 def test_bogus_qemu_arg_raises_with_stderr(microvm_factory) -> None:

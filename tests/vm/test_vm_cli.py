@@ -72,5 +72,9 @@ def test_ssh_never_up_shows_serial_tail(cli_env: dict[str, str]) -> None:
     assert "czonectl: error: SSH to root@127.0.0.1:" in r.stderr
     assert "--- serial console (last lines) ---" in r.stderr
     assert "Traceback" not in r.stderr
+    run_dir = Path(cli_env["CZONE_RUN"]) / "vms" / "t2"
+    assert f"logs of the failed boot are kept in {run_dir}/" in r.stderr
+    assert "Linux version" in (run_dir / "serial.log").read_text(errors="replace")
+    assert (run_dir / "qemu.log").exists()
     assert json.loads(czonectl(cli_env, "vm", "list", "--json").stdout) == []
     assert own_qemu_processes(Path(cli_env["CZONE_RUN"])) == []
