@@ -34,8 +34,10 @@ from czone.placement import Mode, NoFit, VmView, place, round_up
 from czone.qemu import qmp
 from czone.qemu.cmdline import (
     DEVICE_MEMFD,
+    INIT_MARKER,
     LINUX_MEMORY_BLOCK_MIB,
     MEMORY_DEVICE_ID,
+    READY_MARKER,
     VmSpec,
     qmp_socket_path,
 )
@@ -93,6 +95,49 @@ class KillResult:
     vm: str
     returned_bytes: int | None
     guest: dict[str, Any] = field(default_factory=dict)
+
+
+def boot_machine(spec: VmSpec, ssh_key: Path, timeout: float = BOOT_TIMEOUT,
+                 tpl: template.Template | None = None) -> tuple[Machine, dict[str, float]]:
+    """Launch ``spec`` and wait until it serves: the one boot sequence of every
+    VM (records, benchmarks and tests alike).  A boot waits for the kernel to
+    hand over to init, for sshd, for an SSH command and, with a function base
+    image, for the agent; a clone of template ``tpl`` loads its state instead
+    of booting.  Returns the machine and the seconds each stage took from the
+    launch; on failure QEMU is stopped and the error carries its logs."""
+    machine = Machine(spec, ssh_key=ssh_key)
+    t0 = time.monotonic()
+    times: dict[str, float] = {}
+    try:
+        machine.launch()
+        if machine.pid is None or machine.proc_start is None:
+            raise ServiceError(f"QEMU of VM {spec.name} exited right after it connected "
+                               f"to QMP; see {machine.qemu_log}")
+        if tpl is not None:
+            template.resume(machine, tpl)
+            times["resume_s"] = time.monotonic() - t0
+        else:
+            for key, marker in (("init_s", INIT_MARKER), ("sshd_s", READY_MARKER)):
+                machine.wait_for_console(marker, timeout)
+                times[key] = time.monotonic() - t0
+        machine.wait_ssh(timeout).close()
+        times["ssh_ready_s"] = time.monotonic() - t0
+        if spec.fnbase is not None and tpl is None:
+            machine.wait_for_console(AGENT_MARKER, timeout)
+            times["agent_s"] = time.monotonic() - t0
+    except BaseException:
+        machine.shutdown(timeout=3.0)
+        raise
+    return machine, times
+
+
+@contextmanager
+def booted(spec: VmSpec, ssh_key: Path,
+           timeout: float = BOOT_TIMEOUT) -> Iterator[tuple[Machine, dict[str, float]]]:
+    """A VM without a record, for benchmarks: booted, then shut down."""
+    machine, times = boot_machine(spec, ssh_key, timeout)
+    with machine:
+        yield machine, times
 
 
 def guest_id(mode: str, ctr_id: str) -> str:
@@ -173,36 +218,24 @@ class Service:
         """
         if tpl is not None:
             spec = template.clone_spec(spec, tpl)
-        machine = Machine(spec, ssh_key=self.builds[1].ssh_key)
         self.progress(f"{'cloning' if tpl else 'booting'} {spec.name} ({spec.accel}, "
                       f"{spec.memory_mib} MiB"
                       + (f", {spec.memory_mode} device up to {spec.device_memory_mib} MiB"
                          if spec.memory_mode != "none" else "") + ")")
-        t0 = time.monotonic()
+        shutil.rmtree(spec.run_dir, ignore_errors=True)
         try:
-            shutil.rmtree(spec.run_dir, ignore_errors=True)
-            machine.launch()
-            pid, start = machine.pid, machine.proc_start
-            if pid is None or start is None:
-                raise ServiceError(f"QEMU of VM {spec.name} exited right after it connected "
-                                   f"to QMP; see {machine.qemu_log}")
-            if tpl is not None:
-                template.resume(machine, tpl)
-            machine.wait_ssh(boot_timeout).close()
-            if spec.fnbase is not None and tpl is None:
-                machine.wait_for_console(AGENT_MARKER, boot_timeout)
-            # One QMP client at a time: let go before others may connect.
-            machine.close()
-            self.db.mark_up(spec.name, pid, start)
+            machine, times = boot_machine(spec, self.builds[1].ssh_key, boot_timeout, tpl)
         except BaseException:
-            machine.shutdown(timeout=3.0)
             self.db.remove(spec.name)
-            logs = [f.name for f in (machine.serial_log, machine.qemu_log) if f.exists()]
+            logs = [f for f in ("serial.log", "qemu.log") if (spec.run_dir / f).exists()]
             if logs:
                 self.progress(f"czonectl: the logs of the failed boot are kept in "
                               f"{spec.run_dir}/ ({', '.join(logs)})")
             raise
-        self.progress(f"{spec.name} is up after {time.monotonic() - t0:.1f}s")
+        # Let go of the launch monitor before the record says "up".
+        machine.close()
+        self.db.mark_up(spec.name, machine.pid, machine.proc_start)  # type: ignore[arg-type]
+        self.progress(f"{spec.name} is up after {times['ssh_ready_s']:.1f}s")
 
     def machine(self, rec: VmRecord) -> Machine:
         return Machine.attach(Path(rec.run_dir), rec.pid, rec.proc_start, rec.ssh_port,
@@ -401,9 +434,11 @@ class Service:
                 name = f"tpl-{key}"
                 tspec = replace(spec, name=name, run_dir=self.db.root / "tpl-run" / key,
                                 ssh_port=free_port())
+                tspec = template.template_spec(tspec, tpl)
                 try:
-                    template.build(tspec, tpl, self.builds[1].ssh_key, fn, memory_mib,
-                                   BOOT_TIMEOUT)
+                    machine, _ = boot_machine(tspec, self.builds[1].ssh_key, BOOT_TIMEOUT)
+                    with machine:
+                        template.save(machine, tpl, fn, memory_mib)
                 finally:
                     shutil.rmtree(tspec.run_dir, ignore_errors=True)
         return tpl

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from czone.errors import CZoneError
-from czone.guest.runtime import AGENT_MARKER, RuntimeAgent
+from czone.guest.runtime import RuntimeAgent
 from czone.qemu.cmdline import VmSpec
 from czone.qemu.machine import Machine
 
@@ -92,29 +92,33 @@ def _ignore_shared(vm: Machine) -> None:
            capabilities=[{"capability": "x-ignore-shared", "state": True}])
 
 
-def build(spec: VmSpec, tpl: Template, ssh_key: Path, fn: str, memory_mib: int,
-          boot_timeout: float) -> None:
-    """Boot ``spec`` (RAM in ``tpl.ram``, shared), optionally warm ``fn``, save it."""
-    work = tpl.dir.with_name(tpl.dir.name + ".tmp")
+def template_spec(spec: VmSpec, tpl: Template) -> VmSpec:
+    """The template VM itself, its RAM written through to a file in a fresh
+    work directory that ``save`` publishes as ``tpl``."""
+    work = _work(tpl)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    run = replace(spec, ram_file=work / "ram", ram_shared=True, incoming=False)
-    with Machine(run, ssh_key=ssh_key) as vm:
-        vm.launch()
-        ssh = vm.wait_ssh(boot_timeout)
-        try:
-            vm.wait_for_console(AGENT_MARKER, boot_timeout)
-            if tpl.warm:
-                with RuntimeAgent(ssh) as agent:
-                    agent.start(SNAPSHOT_CTR, fn, memory_mib)
-                    if not agent.invoke(SNAPSHOT_CTR).get("ok"):
-                        raise TemplateError(f"the warm-up invocation of {fn} failed")
-        finally:
-            ssh.close()
-        vm.qmp("stop")
-        _ignore_shared(vm)
-        vm.qmp("migrate", uri=f"exec:cat > {work / 'state'}")
-        _wait_migration(vm, MIGRATION_TIMEOUT)
+    return replace(spec, ram_file=work / "ram", ram_shared=True, incoming=False)
+
+
+def _work(tpl: Template) -> Path:
+    return tpl.dir.with_name(tpl.dir.name + ".tmp")
+
+
+def save(vm: Machine, tpl: Template, fn: str, memory_mib: int) -> None:
+    """Warm ``fn`` in the booted template VM if a snapshot is asked for, pause
+    it, save its device state next to its RAM file, and publish the template."""
+    work = _work(tpl)
+    if tpl.warm:
+        with vm.ssh() as ssh, RuntimeAgent(ssh) as agent:
+            agent.start(SNAPSHOT_CTR, fn, memory_mib)
+            if not agent.invoke(SNAPSHOT_CTR).get("ok"):
+                raise TemplateError(f"the warm-up invocation of {fn} failed")
+    vm.qmp("stop")
+    _ignore_shared(vm)
+    vm.qmp("migrate", uri=f"exec:cat > {work / 'state'}")
+    _wait_migration(vm, MIGRATION_TIMEOUT)
+    vm.shutdown()
     (work / "done").write_text(json.dumps({"fn": fn, "warm": tpl.warm, "t": time.time()}))
     shutil.rmtree(tpl.dir, ignore_errors=True)
     work.rename(tpl.dir)

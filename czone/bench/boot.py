@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,8 @@ from czone import accel as accel_mod
 from czone import artifacts
 from czone.bench.report import median, table
 from czone.net import free_port
-from czone.qemu.cmdline import INIT_MARKER, READY_MARKER, Accel
-from czone.qemu.machine import Machine
+from czone.qemu.cmdline import Accel
+from czone.service import booted
 from czone.state import run_root
 from czone.vmspec import spec_for
 
@@ -22,16 +21,8 @@ TIMEOUT = 120.0
 def boot_once(accel: Accel, memory_mib: int, workdir: Path) -> dict[str, float]:
     kernel, image, qemu = artifacts.kernel(), artifacts.image(), artifacts.qemu_binary()
     spec = spec_for("bench", workdir, kernel, image, qemu, accel, free_port(), memory_mib)
-    with Machine(spec, ssh_key=image.ssh_key) as m:
-        t0 = time.monotonic()
-        m.launch()
-        m.wait_for_console(INIT_MARKER, TIMEOUT)
-        t_init = time.monotonic()
-        m.wait_for_console(READY_MARKER, TIMEOUT)
-        t_ready = time.monotonic()
-        m.wait_ssh(TIMEOUT).close()
-        t_ssh = time.monotonic()
-    return {"init_s": t_init - t0, "sshd_s": t_ready - t0, "ssh_ready_s": t_ssh - t0}
+    with booted(spec, image.ssh_key, TIMEOUT) as (_, times):
+        return {k: times[k] for k in ("init_s", "sshd_s", "ssh_ready_s")}
 
 
 def run(rounds: int = 5, memory_mib: int = 512) -> dict[str, Any]:

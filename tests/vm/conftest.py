@@ -18,8 +18,9 @@ import pytest
 from czone import accel as accel_mod
 from czone import artifacts as art
 from czone.net import free_port
-from czone.qemu.cmdline import Accel
+from czone.qemu.cmdline import Accel, VmSpec, build_argv, qemu_log_path, serial_log_path
 from czone.qemu.machine import Machine
+from czone.service import boot_machine
 from czone.state import run_root
 from czone.vmspec import spec_for
 
@@ -50,36 +51,47 @@ def artifacts() -> Artifacts:
 
 
 class MicrovmFactory:
+    """Owns every VM a test makes: kills them all at the end, and keeps their
+    evidence (argv, serial and QEMU logs, dmesg) when the test failed."""
+
     def __init__(self, artifacts: Artifacts):
         self.artifacts = artifacts
+        self.specs: list[VmSpec] = []
         self.machines: list[Machine] = []
 
-    def build(self, name: str = "vm", memory_mib: int = 512, cpus: int = 1,
-              ssh: bool = True, **extra: object) -> Machine:
+    def spec(self, name: str = "vm", memory_mib: int = 512, cpus: int = 1,
+             ssh: bool = True, **extra: object) -> VmSpec:
         # Short run dirs under /tmp: the QMP socket path must fit AF_UNIX's 108 bytes.
         run_dir = Path(tempfile.mkdtemp(prefix=f"czone-{name}-"))
         a = self.artifacts
         spec = spec_for(name, run_dir, a.kernel, a.image, a.qemu, a.accel,
                         free_port() if ssh else None, memory_mib, cpus, **extra)
-        machine = Machine(spec, ssh_key=a.image.ssh_key)
+        self.specs.append(spec)
+        return spec
+
+    def build(self, name: str = "vm", **kw: object) -> Machine:
+        """A VM not launched yet, for tests of the launch itself."""
+        machine = Machine(self.spec(name, **kw), ssh_key=self.artifacts.image.ssh_key)
         self.machines.append(machine)
         return machine
 
     def boot(self, name: str = "vm", **kw: object) -> Machine:
-        machine = self.build(name, **kw)
-        machine.launch()
-        machine.wait_boot(BOOT_TIMEOUT)
-        machine.wait_ssh(BOOT_TIMEOUT).close()
+        """A VM booted by the service layer's one boot sequence."""
+        machine, _ = boot_machine(self.spec(name, **kw), self.artifacts.image.ssh_key,
+                                  BOOT_TIMEOUT)
+        self.machines.append(machine)
         return machine
 
     def save_logs(self, dest: Path) -> None:
-        for m in self.machines:
-            d = dest / m.run_dir.name
+        for spec in self.specs:
+            d = dest / spec.run_dir.name
             d.mkdir(parents=True, exist_ok=True)
-            (d / "argv.txt").write_text("\n".join(m.argv) + "\n")
-            for f in (m.serial_log, m.qemu_log):
+            (d / "argv.txt").write_text("\n".join(build_argv(spec)) + "\n")
+            for f in (serial_log_path(spec.run_dir), qemu_log_path(spec.run_dir)):
                 if f.exists():
                     shutil.copy(f, d / f.name)
+        for m in self.machines:
+            d = dest / m.run_dir.name
             if m.is_running() and m.ssh_port is not None:
                 try:
                     with m.ssh() as ssh:
@@ -91,7 +103,8 @@ class MicrovmFactory:
     def kill_all(self) -> None:
         for m in self.machines:
             m.kill()
-            shutil.rmtree(m.run_dir, ignore_errors=True)
+        for spec in self.specs:
+            shutil.rmtree(spec.run_dir, ignore_errors=True)
 
 
 @pytest.fixture
