@@ -87,7 +87,9 @@ def accept_forever(srv: socket.socket) -> None:
 def main() -> None:
     for spec in [a for a in sys.argv if a.startswith("file,")]:
         with open(re.search(r"path=([^,]+)", spec).group(1), "w") as f:
-            f.write("fake serial console: no sshd here\n")
+            # The guest "boots" to init and reports sshd, which never answers.
+            f.write("Run /sbin/czone-init as init process\nczone-init: ready (fake)\n"
+                    "fake serial console: no sshd here\n")
     for spec in [a for a in sys.argv if a.startswith("socket,")]:
         path = re.search(r"path=([^,]+)", spec).group(1)
         if "server=on" in spec:
