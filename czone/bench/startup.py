@@ -87,20 +87,63 @@ def run_startup(k_max: int = int(os.environ.get("CZONE_BENCH_K", "16"))) -> dict
             svc = _service(Path(d) / mode)
             result["accel"] = svc.accel()[0]
             samples: list[float | None] = []
+            parts: list[dict[str, float]] = []
             try:
                 _prepare(svc, mode)
                 for k in range(1, k_max + 1):
                     try:
-                        samples.append(svc.run(FN, mode).startup_s)  # type: ignore[arg-type]
+                        res = svc.run(FN, mode)  # type: ignore[arg-type]
                     except CZoneError as e:
                         print(f"  {mode} k={k}: failed: {e}")
                         samples.append(None)
-                    print(f"  {mode} k={k}: {samples[-1]}")
+                        continue
+                    samples.append(res.startup_s)
+                    parts.append(_parts(res))
+                    print(f"  {mode} k={k}: {res.startup_s:.3f} s {parts[-1]}")
+                if mode == "mcpv":
+                    result["crun_profile"] = _crun_profile(svc)
             finally:
                 _teardown(svc)
                 svc.close()
             result["modes"][mode] = samples
+            result.setdefault("parts", {})[mode] = parts
     return _startup_report(result)
+
+
+def _parts(res: Any) -> dict[str, float]:
+    """Where a startup's time went, in ms: the guest's own timings of the
+    start and of the warm-up answer, and the rest (host, SSH, boot or clone)."""
+    t = res.guest.get("t", {})
+    out = {k: t[k] for k in ("czone_create_ms", "bundle_ms", "crun_to_ready_ms") if k in t}
+    out["warmup_invoke_ms"] = res.warmup.get("t", {}).get("invoke_ms", 0.0)
+    out["function_ms"] = res.warmup.get("run_ms", 0.0)
+    out["rest_ms"] = res.startup_s * 1000 - t.get("agent_ms", 0.0) - out["warmup_invoke_ms"]
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+PROFILE_REPS = 5
+# What a container start pays for, step by step: crun alone (the container
+# prints "ready" and exits), crun and the Python interpreter, and the real
+# server (interpreter, the server and the function's imports).
+PROFILE_CASES = {
+    "crun": ["/bin/echo", "ready"],
+    "crun+python": ["/usr/bin/python3", "-c", "print('ready')"],
+    "crun+python+imports": None,
+}
+
+
+def _crun_profile(svc: Service) -> dict[str, list[float]]:
+    vm = next(svc.running_vms()).name
+    agent = svc.agent(vm)
+    out: dict[str, list[float]] = {}
+    for case, args in PROFILE_CASES.items():
+        out[case] = []
+        for i in range(PROFILE_REPS):
+            ctr = f"profile-{i}"
+            t = agent.start(ctr, FN, memory_for(FN), args=args)["t"]
+            out[case].append(t["crun_to_ready_ms"])
+            agent.kill(ctr)
+    return out
 
 
 def _startup_report(result: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +166,19 @@ def _startup_report(result: dict[str, Any]) -> dict[str, Any]:
           "(best/worst .. worst/best)")
     print(table(["mode", "ratio", "range"], ratios))
     result["ratios_vs_scpv_template"] = {r[0]: r[1] for r in ratios}
+    prof = result.get("crun_profile")
+    if prof:
+        print(f"\nwhere an MCPV start goes: median ms of {PROFILE_REPS} starts, crun to 'ready'")
+        print(table(["case", "median ms", "min", "max"],
+                    [[c, f"{statistics.median(v):.0f}", f"{min(v):.0f}", f"{max(v):.0f}"]
+                     for c, v in prof.items()]))
+    for mode, parts in result.get("parts", {}).items():
+        later = parts[1:]
+        if later:
+            keys = list(later[0])
+            print(f"\n{mode}, k>=2: median ms per part")
+            print(table(keys, [[f"{statistics.median([p.get(k, 0) for p in later]):.0f}"
+                                for k in keys]]))
     return result
 
 

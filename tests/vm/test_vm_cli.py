@@ -66,10 +66,11 @@ def test_up_ssh_list_down(cli_env: dict[str, str]) -> None:
     assert gone.returncode == 1 and "no VM named 't1'" in gone.stderr
 
 
-def test_ssh_never_up_shows_serial_tail(cli_env: dict[str, str]) -> None:
+def test_a_boot_past_its_timeout_shows_serial_tail(cli_env: dict[str, str]) -> None:
     r = czonectl(cli_env, "vm", "up", "--name", "t2", "--boot-timeout", "1")
     assert r.returncode == 1
-    assert "czonectl: error: SSH to root@127.0.0.1:" in r.stderr
+    # One second is not enough for the kernel to reach init under either accelerator.
+    assert "czonectl: error: guest did not print 'Run /sbin/czone-init' within 1s" in r.stderr
     assert "--- serial console (last lines) ---" in r.stderr
     assert "Traceback" not in r.stderr
     run_dir = Path(cli_env["CZONE_RUN"]) / "vms" / "t2"
