@@ -65,6 +65,9 @@ class VmSpec:
     ram_shared: bool = True
     # Start paused, waiting for `migrate-incoming` (a template's clone).
     incoming: bool = False
+    # Free page reporting (virtio-balloon, never inflated): the guest hands its
+    # free boot memory back to the host, whatever the memory mode.
+    free_page_reporting: bool = False
     # TCG's translation cache in MiB (None: QEMU's default); each QEMU process
     # holds its own, which KVM does not have, so benchmarks set it explicitly.
     tb_size_mib: int | None = None
@@ -144,8 +147,10 @@ def incoming_args(spec: VmSpec) -> list[str]:
 
 def memory_device_args(spec: VmSpec) -> list[str]:
     mode = spec.memory_mode
+    fpr = (["-device", "virtio-balloon-pci,id=fpr0,free-page-reporting=on"]
+           if spec.free_page_reporting and mode != "balloon" else [])
     if mode == "none":
-        return []
+        return fpr
     dev_id = MEMORY_DEVICE_ID[mode]
     if mode == "balloon":
         return ["-device", f"virtio-balloon-pci,id={dev_id},free-page-reporting=on"]
@@ -158,7 +163,7 @@ def memory_device_args(spec: VmSpec) -> list[str]:
         # arrival with the wall clock, so `vm mem` can say how old the stats are.
         args += ["-msg", "timestamp=on", "-trace", "enable=virtio_czone_stats",
                  "-D", str(stats_log_path(spec.run_dir))]
-    return args
+    return args + fpr
 
 
 def firmware_args(spec: VmSpec) -> list[str]:

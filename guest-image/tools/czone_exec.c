@@ -2,7 +2,7 @@
 /*
  * czone_exec: run a program in a CZone.
  *
- *   czone_exec ID PROG [ARG...]
+ *   czone_exec [--overlay LOWER BUNDLE SIZE] ID PROG [ARG...]
  *
  * clone3(CLONE_INTO_CZONE) a child that execs PROG, so that PROG and every
  * task it forks allocate their user memory in CZone ID.  The parent stays
@@ -10,8 +10,16 @@
  * exits with the child's status (128 + signal if it was killed), so that the
  * caller can treat czone_exec as the program itself.  A failed clone3 or
  * exec exits 125 or 127 with one line on stderr.
+ *
+ * With --overlay, the child first makes a container's root: in a mount
+ * namespace of its own, a tmpfs of SIZE at BUNDLE/layer for the overlay's
+ * upper and work directories (its pages are the container's, so they land
+ * in the CZone), and the overlay of it on LOWER at BUNDLE/rootfs.  Both
+ * mounts end with the namespace, that is with the container.
  */
 #include "czt.h"
+#include <sys/mount.h>
+#include <sched.h>
 
 static pid_t child;
 
@@ -21,15 +29,50 @@ static void forward(int sig)
 		kill(child, sig);
 }
 
+/* The container's root, in the child: 0, or exits 125 with one line */
+static void make_root(const char *lower, const char *bundle, const char *size)
+{
+	char layer[512], upper[600], work[600], root[512], opts[2048];
+
+	snprintf(layer, sizeof(layer), "%s/layer", bundle);
+	snprintf(upper, sizeof(upper), "%s/upper", layer);
+	snprintf(work, sizeof(work), "%s/work", layer);
+	snprintf(root, sizeof(root), "%s/rootfs", bundle);
+	snprintf(opts, sizeof(opts), "size=%s,mode=0755", size);
+	if (unshare(CLONE_NEWNS) ||
+	    mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) ||
+	    mount("czone-layer", layer, "tmpfs", 0, opts) ||
+	    mkdir(upper, 0755) || mkdir(work, 0755))
+		goto fail;
+	snprintf(opts, sizeof(opts), "lowerdir=%s,upperdir=%s,workdir=%s",
+		 lower, upper, work);
+	if (mount("czone-root", root, "overlay", 0, opts))
+		goto fail;
+	return;
+fail:
+	fprintf(stderr, "czone_exec: container root in %s: %s\n", bundle,
+		strerror(errno));
+	_exit(125);
+}
+
 int main(int argc, char **argv)
 {
 	struct sigaction sa = { .sa_handler = forward };
+	const char *lower = NULL, *bundle = NULL, *size = NULL;
 	unsigned long long id;
 	char *end;
 	int status;
 
+	if (argc > 4 && !strcmp(argv[1], "--overlay")) {
+		lower = argv[2];
+		bundle = argv[3];
+		size = argv[4];
+		argv += 4;
+		argc -= 4;
+	}
 	if (argc < 3) {
-		fprintf(stderr, "usage: czone_exec ID PROG [ARG...]\n");
+		fprintf(stderr,
+			"usage: czone_exec [--overlay LOWER BUNDLE SIZE] ID PROG [ARG...]\n");
 		return 125;
 	}
 	errno = 0;
@@ -53,6 +96,8 @@ int main(int argc, char **argv)
 		signal(SIGTERM, SIG_DFL);
 		signal(SIGINT, SIG_DFL);
 		signal(SIGHUP, SIG_DFL);
+		if (bundle)
+			make_root(lower, bundle, size);
 		execvp(argv[2], argv + 2);
 		fprintf(stderr, "czone_exec: exec %s: %s\n", argv[2], strerror(errno));
 		_exit(127);

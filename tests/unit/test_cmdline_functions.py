@@ -38,3 +38,14 @@ def test_tb_size_is_set_for_tcg_only() -> None:
     assert pairs(build_argv(replace(SPEC, tb_size_mib=64)), "-accel") == ["tcg,tb-size=64"]
     assert pairs(build_argv(replace(SPEC, accel="kvm", tb_size_mib=64)), "-accel") == ["kvm"]
     assert pairs(build_argv(SPEC), "-accel") == ["tcg"]
+
+
+def test_free_page_reporting_adds_a_balloon_that_never_inflates() -> None:
+    fpr = "virtio-balloon-pci,id=fpr0,free-page-reporting=on"
+    for mode in ("none", "czone"):
+        spec = replace(SPEC, memory_mode=mode, free_page_reporting=True, device_memory_mib=256)
+        assert pairs(build_argv(spec), "-device").count(fpr) == 1
+    # The balloon memory mode has its own reporting balloon: no second one.
+    spec = replace(SPEC, memory_mode="balloon", free_page_reporting=True)
+    assert fpr not in pairs(build_argv(spec), "-device")
+    assert fpr not in pairs(build_argv(SPEC), "-device")

@@ -1,10 +1,11 @@
 """Function containers: an OCI bundle run by crun inside a CZone of its own.
 
-start:  CZONE_IOC_CREATE, write the bundle, then ``czone_exec ID ctr-launch``:
-        the launcher is the container's first task, already in the CZone; it
-        mounts the writable layer and execs ``crun run``, whose processes
-        inherit the CZone.  The server prints ``ready`` on stdout once its
-        socket listens.
+start:  CZONE_IOC_CREATE, write the bundle, then ``czone_exec --overlay ...
+        ID crun run``: czone_exec's child is the container's first task,
+        already in the CZone; it mounts the writable layer and the overlay
+        root in a mount namespace of its own and execs ``crun run``, whose
+        processes inherit the CZone.  The server prints ``ready`` on stdout
+        once its socket listens.
 stop:   ``crun kill`` (SIGTERM, then SIGKILL), wait for ``crun run`` to exit.
 destroy: CZONE_IOC_DESTROY, remove the bundle.
 
@@ -29,7 +30,6 @@ from pathlib import Path
 import bundle
 from czonedev import CZoneDev, cap_for
 
-LAUNCH = "/usr/local/lib/czone-agent/ctr-launch"
 CZONE_EXEC = "/usr/local/bin/czone_exec"
 CRUN = "/usr/bin/crun"
 START_TIMEOUT = 120.0
@@ -168,7 +168,8 @@ class Runtime:
             {"id": ctr.id, "fn": ctr.fn, "memory_mib": ctr.memory_mib, "czone": ctr.czone}))
         with open(d / "log", "wb") as log:
             ctr.launcher = subprocess.Popen(
-                [CZONE_EXEC, str(ctr.czone), LAUNCH, str(d), ctr.id, f"{ctr.memory_mib}m"],
+                [CZONE_EXEC, "--overlay", str(bundle.FNBASE), str(d), f"{ctr.memory_mib}m",
+                 str(ctr.czone), CRUN, "run", "--bundle", str(d), ctr.id],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                 close_fds=True)
         t2 = time.monotonic()
