@@ -10,6 +10,7 @@ guest agents' lists, which every command runs first.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
@@ -70,6 +71,7 @@ BLOCK_MIB = 2
 BOOT_TIMEOUT = 180.0
 WAIT_VM_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 120.0
+TEMPLATE_LOCK_TIMEOUT = 600.0
 DEVICE = MEMORY_DEVICE_ID["czone"]
 
 Progress = Callable[[str], None]
@@ -140,6 +142,19 @@ def booted(spec: VmSpec, ssh_key: Path,
     machine, times = boot_machine(spec, ssh_key, timeout)
     with machine:
         yield machine, times
+
+
+def _lock(f: Any, timeout: float, what: str) -> None:
+    """flock(LOCK_EX) with a deadline: another czonectl may be building."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise ServiceError(f"{what} still held after {timeout:.0f}s") from None
+            time.sleep(0.2)
 
 
 def guest_id(mode: str, ctr_id: str) -> str:
@@ -363,7 +378,7 @@ class Service:
                 guest = self._ask(vm, lambda a: a.start(gid, fn, memory_mib), retry=False)
             warm = self._ask(vm, lambda a: a.invoke(gid, payload))
         except BaseException:
-            self._forget_failed(ctr_id, vm)
+            self._forget_failed(ctr_id, vm, mode, gid)
             raise
         startup = time.monotonic() - t0
         self.db.set_ctr(ctr_id, state="running", czone=guest["czone"], startup_s=startup)
@@ -431,13 +446,15 @@ class Service:
             return tpl
         tpl.dir.parent.mkdir(parents=True, exist_ok=True)
         with open(tpl.dir.parent / f"{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            _lock(lock, TEMPLATE_LOCK_TIMEOUT, f"the template lock of {fn}")
             if not tpl.ready():
                 self.progress(f"building the {'snapshot' if warm else 'template'} of {fn} "
                               f"(once per build and VM shape)")
                 name = f"tpl-{key}"
                 tspec = replace(spec, name=name, run_dir=self.db.root / "tpl-run" / key,
                                 ssh_port=free_port())
+                # A build cut short (czonectl killed) left its QEMU behind.
+                kill_strays(tspec.run_dir)
                 tspec = template.template_spec(tspec, tpl)
                 try:
                     machine, _ = boot_machine(tspec, self.builds[1].ssh_key, BOOT_TIMEOUT)
@@ -466,7 +483,10 @@ class Service:
         """Set the device's requested size to the record's, under the store's
         lock: concurrent growers can never lower it."""
         with self.db.transaction() as conn:
-            rec = next(v for v in vms_in(conn) if v.name == vm)
+            recs = [v for v in vms_in(conn) if v.name == vm]
+            if not recs:
+                raise ServiceError(f"VM {vm!r} is gone")
+            rec = recs[0]
             machine = self.machine(rec)
             try:
                 current = qmp.requested_size(machine, DEVICE)
@@ -475,9 +495,18 @@ class Service:
             finally:
                 machine.close()
 
-    def _forget_failed(self, ctr_id: str, vm: str) -> None:
-        """A start that failed: the agent left nothing behind in the guest; the
-        VM stays for the next container."""
+    def _forget_failed(self, ctr_id: str, vm: str, mode: str, gid: str) -> None:
+        """A run that failed or was interrupted after the record was written:
+        whatever the guest may still hold of the container is killed (a failed
+        start already left nothing; a failed warm-up did not), an SCPV VM goes
+        with its one container, and the record goes.  Best effort: the
+        original error is what the user sees."""
+        with contextlib.suppress(CZoneError, OSError):
+            if mode != "mcpv":
+                if vm in {v.name for v in self.db.list()}:
+                    self.vm_down(vm, timeout=5)
+            elif status(self.db.get(vm)) == "running":
+                self._ask(vm, lambda a: self._kill_in_guest(a, gid), retry=False)
         self.db.remove_ctr(ctr_id)
 
     def _owned(self, ctr_id: str) -> CtrRecord:
@@ -504,23 +533,60 @@ class Service:
         bytes returned are the drop of the QEMU process's RSS."""
         self.reconcile()
         rec = self.db.ctr(ctr_id)
+        if rec.state in ("starting", "stopping") and rec.owner_alive():
+            raise ServiceError(f"container {ctr_id!r} is {rec.state} (czonectl pid "
+                               f"{rec.owner_pid}); try again when that is done")
         vm = self.db.get(rec.vm) if rec.vm in {v.name for v in self.db.list()} else None
+        if vm is not None and vm.mode != "mcpv":
+            # SCPV: the VM is the container's; it goes, lost or not.
+            before = self._measure(hostmem.stable_rss, vm)
+            if status(vm) != "starting":
+                self.vm_down(vm.name)
+            self.db.remove_ctr(ctr_id)
+            return KillResult(ctr_id, vm.name, before)
         if rec.state == "lost" or vm is None or status(vm) != "running":
             self.db.remove_ctr(ctr_id)
             return KillResult(ctr_id, rec.vm, None)
         me = os.getpid()
         self.db.set_ctr(ctr_id, state="stopping", owner_pid=me, owner_start=process_start(me))
-        if vm.mode != "mcpv":
-            before = hostmem.stable_rss(vm.pid)
-            self.vm_down(vm.name)
-            return KillResult(ctr_id, vm.name, before)
         # The guest memory the host backs, without TCG's code cache and
         # QEMU's own allocations, which move for reasons of their own.
-        before = hostmem.stable_mapping_rss(vm.pid, DEVICE_MEMFD)
+        def device(pid: int) -> int:
+            return hostmem.stable_mapping_rss(pid, DEVICE_MEMFD)
+
+        before = self._measure(device, vm)
         guest = self._ask(vm.name, lambda a: self._kill_in_guest(a, ctr_id))
-        after = hostmem.stable_mapping_rss(vm.pid, DEVICE_MEMFD)
+        after = self._measure(device, vm)
         self.db.remove_ctr(ctr_id)
-        return KillResult(ctr_id, vm.name, max(0, before - after), guest)
+        returned = None if before is None or after is None else max(0, before - after)
+        return KillResult(ctr_id, vm.name, returned, guest)
+
+    def _measure(self, read: Callable[[int], int], vm: VmRecord) -> int | None:
+        """A host-side measurement that must not fail the operation around it."""
+        try:
+            return read(vm.pid)
+        except (CZoneError, OSError) as e:
+            self.progress(f"warning: cannot measure the memory of {vm.name}: {e}")
+            return None
+
+    def _settle(self, c: CtrRecord, vm: VmRecord, listed: dict[str, Any]) -> str:
+        """One container whose owner died midway, against the agent's list."""
+        gid = guest_id(vm.mode or "mcpv", c.id)
+        state = listed.get(gid, {}).get("state")
+        if c.state == "starting" and state == "running":
+            self.db.set_ctr(c.id, state="running", czone=listed[gid]["czone"])
+            return f"container {c.id}: start cut short, found running"
+        if vm.mode != "mcpv":
+            self.vm_down(vm.name, timeout=5)
+            self.db.remove_ctr(c.id)
+            return f"container {c.id}: {c.state} cut short; its SCPV VM stopped"
+        if gid in listed:
+            self._ask(vm.name, lambda a: self._kill_in_guest(a, gid))
+        if c.state == "stopping":
+            self.db.remove_ctr(c.id)
+            return f"container {c.id}: kill cut short; finished it"
+        self.db.set_ctr(c.id, state="lost")
+        return f"container {c.id}: start cut short before it ran (lost)"
 
     @staticmethod
     def _kill_in_guest(agent: RuntimeAgent, ctr_id: str) -> dict[str, Any]:
@@ -608,18 +674,10 @@ class Service:
                 done.append(f"VM {vm_name}: cannot reach the agent to reconcile: {e}")
                 continue
             for c in ctrs:
-                here = listed.get(c.id, {}).get("state") == "running"
-                if c.state == "stopping" or not here:
-                    if c.id in listed:
-                        self._ask(vm_name, lambda a, i=c.id: self._kill_in_guest(a, i))
-                    self.db.remove_ctr(c.id) if c.state == "stopping" else \
-                        self.db.set_ctr(c.id, state="lost")
-                    done.append(f"container {c.id}: {c.state} cut short; "
-                                + ("finished the kill" if c.state == "stopping"
-                                   else "it never started (lost)"))
-                else:
-                    self.db.set_ctr(c.id, state="running", czone=listed[c.id]["czone"])
-                    done.append(f"container {c.id}: start cut short, found running")
+                try:
+                    done.append(self._settle(c, vms[vm_name], listed))
+                except CZoneError as e:
+                    done.append(f"container {c.id}: cannot settle it yet: {e}")
         for line in done:
             self.progress(f"reconcile: {line}")
         return done

@@ -65,6 +65,10 @@ VM_COLUMNS_V2 = (("fn", "TEXT"), ("mode", "TEXT"), ("memory_mode", "TEXT NOT NUL
                  ("requested_mib", "INTEGER NOT NULL DEFAULT 0"))
 
 
+class StateError(CZoneError):
+    """The SQLite store failed (locked past the timeout, unreadable, ...)."""
+
+
 class UnknownVm(CZoneError):
     pass
 
@@ -139,6 +143,12 @@ class StateDB:
         return self.root / "vms" / name
 
     def _connect(self) -> sqlite3.Connection:
+        try:
+            return self._open()
+        except sqlite3.OperationalError as e:
+            raise StateError(f"the state store {self.path}: {e}") from None
+
+    def _open(self) -> sqlite3.Connection:
         self.root.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=60.0)
         conn.row_factory = sqlite3.Row
@@ -161,7 +171,10 @@ class StateDB:
         conn = self._connect()
         conn.isolation_level = None
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:  # busy past the timeout
+                raise StateError(f"the state store {self.path}: {e}") from None
             try:
                 yield conn
             except BaseException:
@@ -176,6 +189,8 @@ class StateDB:
         try:
             with conn:
                 return conn.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as e:
+            raise StateError(f"the state store {self.path}: {e}") from None
         finally:
             conn.close()
 

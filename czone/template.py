@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -116,7 +117,7 @@ def save(vm: Machine, tpl: Template, fn: str, memory_mib: int) -> None:
                 raise TemplateError(f"the warm-up invocation of {fn} failed")
     vm.qmp("stop")
     _ignore_shared(vm)
-    vm.qmp("migrate", uri=f"exec:cat > {work / 'state'}")
+    vm.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(work / 'state'))}")
     _wait_migration(vm, MIGRATION_TIMEOUT)
     vm.shutdown()
     (work / "done").write_text(json.dumps({"fn": fn, "warm": tpl.warm, "t": time.time()}))
@@ -132,7 +133,7 @@ def resume(vm: Machine, tpl: Template) -> dict[str, Any]:
     """Load the template's device state into a launched clone and run it."""
     t0 = time.monotonic()
     _ignore_shared(vm)
-    vm.qmp("migrate-incoming", uri=f"exec:cat {tpl.state}")
+    vm.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(tpl.state))}")
     _wait_migration(vm, MIGRATION_TIMEOUT)
     t1 = time.monotonic()
     vm.qmp("cont")

@@ -122,6 +122,8 @@ def main(argv):
     server = bind(path)
     try:
         print("ready", flush=True)
+        # Whoever waited for "ready" may stop reading: later prints go to stderr.
+        os.dup2(2, 1)
         while True:
             conn, _ = server.accept()
             try:

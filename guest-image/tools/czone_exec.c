@@ -18,8 +18,10 @@
  * mounts end with the namespace, that is with the container.
  */
 #include "czt.h"
-#include <sys/mount.h>
+#include <ctype.h>
 #include <sched.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
 
 static pid_t child;
 
@@ -34,6 +36,10 @@ static void make_root(const char *lower, const char *bundle, const char *size)
 {
 	char layer[512], upper[600], work[600], root[512], opts[2048];
 
+	if (strlen(bundle) + strlen(lower) > 400) {
+		errno = ENAMETOOLONG;
+		goto fail;
+	}
 	snprintf(layer, sizeof(layer), "%s/layer", bundle);
 	snprintf(upper, sizeof(upper), "%s/upper", layer);
 	snprintf(work, sizeof(work), "%s/work", layer);
@@ -60,6 +66,8 @@ int main(int argc, char **argv)
 	struct sigaction sa = { .sa_handler = forward };
 	const char *lower = NULL, *bundle = NULL, *size = NULL;
 	unsigned long long id;
+	sigset_t fwd;
+	pid_t parent;
 	char *end;
 	int status;
 
@@ -76,16 +84,23 @@ int main(int argc, char **argv)
 		return 125;
 	}
 	errno = 0;
-	id = strtoull(argv[1], &end, 0);
-	if (errno || *end || !id) {
+	id = strtoull(argv[1], &end, 10);
+	if (errno || *end || !id || !isdigit((unsigned char)argv[1][0])) {
 		fprintf(stderr, "czone_exec: invalid CZone ID '%s'\n", argv[1]);
 		return 125;
 	}
+	/* Held until child is known, so that no signal is lost in between */
+	sigemptyset(&fwd);
+	sigaddset(&fwd, SIGTERM);
+	sigaddset(&fwd, SIGINT);
+	sigaddset(&fwd, SIGHUP);
+	sigprocmask(SIG_BLOCK, &fwd, NULL);
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGHUP, &sa, NULL);
 
+	parent = getpid();
 	child = czt_clone_into(id);
 	if (child < 0) {
 		fprintf(stderr, "czone_exec: clone3 into CZone %llu: %s\n", id,
@@ -96,12 +111,17 @@ int main(int argc, char **argv)
 		signal(SIGTERM, SIG_DFL);
 		signal(SIGINT, SIG_DFL);
 		signal(SIGHUP, SIG_DFL);
+		sigprocmask(SIG_UNBLOCK, &fwd, NULL);
+		/* If we are killed, so is the container's first task */
+		if (prctl(PR_SET_PDEATHSIG, SIGKILL) || getppid() != parent)
+			_exit(125);
 		if (bundle)
 			make_root(lower, bundle, size);
 		execvp(argv[2], argv + 2);
 		fprintf(stderr, "czone_exec: exec %s: %s\n", argv[2], strerror(errno));
 		_exit(127);
 	}
+	sigprocmask(SIG_UNBLOCK, &fwd, NULL);
 	while (waitpid(child, &status, 0) < 0)
 		if (errno != EINTR)
 			return 125;

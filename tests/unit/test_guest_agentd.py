@@ -34,6 +34,9 @@ class FakeRuntime:
     def kill(self, ctr_id: str) -> dict:
         raise AgentFault(16, f"container {ctr_id!r} busy", "crun: some stderr")
 
+    def stats(self) -> dict:
+        raise KeyError("a bug")
+
 
 def ask(rt: FakeRuntime, req: object) -> dict:
     line = req if isinstance(req, bytes) else json.dumps(req).encode()
@@ -67,6 +70,13 @@ def test_bad_requests_get_an_errno_and_one_line(req: object, errno_name: str,
 def test_a_fault_carries_its_detail() -> None:
     r = ask(FakeRuntime(), {"op": "kill", "id": "c9"})
     assert (r["errno"], r["detail"]) == ("EBUSY", "crun: some stderr")
+
+
+def test_an_unexpected_exception_is_an_answer_not_a_dropped_connection(
+        capsys: pytest.CaptureFixture) -> None:
+    r = ask(FakeRuntime(), {"op": "stats"})
+    assert (r["ok"], r["errno"], r["error"]) == (False, "EIO", "KeyError: 'a bug'")
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_bundle_config_isolates_and_limits() -> None:

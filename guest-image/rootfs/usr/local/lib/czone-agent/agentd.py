@@ -15,6 +15,7 @@ import json
 import socketserver
 import sys
 import time
+import traceback
 
 from containers import AgentFault, Runtime, ms
 
@@ -76,6 +77,10 @@ def handle_line(rt: Runtime, line: bytes) -> dict:
         reply = {"ok": False, "errno": e.errno_name, "error": str(e), "detail": e.detail}
     except (ValueError, TypeError) as e:
         reply = {"ok": False, "errno": "EINVAL", "error": f"bad request: {e}", "detail": ""}
+    except Exception as e:  # a bug or an OS failure: answer it, keep the connection
+        traceback.print_exc()
+        reply = {"ok": False, "errno": "EIO", "error": f"{type(e).__name__}: {e}",
+                 "detail": ""}
     reply.setdefault("t", {})["agent_ms"] = ms(t0, time.monotonic())
     return reply
 

@@ -15,6 +15,7 @@ CZone, no bundle, no cgroup.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -62,6 +63,8 @@ class Container:
     started: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     invocations: int = 0
+    # Until the server said "ready": nobody else may stop or destroy it.
+    starting: bool = True
     conn: socket.socket | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -80,7 +83,8 @@ class Container:
         return [int(p) for p in text.split()]
 
     def describe(self) -> dict:
-        state = "running" if self.running() else "exited"
+        state = ("starting" if self.starting else
+                 "running" if self.running() else "exited")
         rc = None if self.launcher is None else self.launcher.poll()
         return {"id": self.id, "fn": self.fn, "memory_mib": self.memory_mib,
                 "czone": self.czone, "state": state, "exit_status": rc,
@@ -98,21 +102,22 @@ def _log_tail(path: Path, limit: int = 4000) -> str:
 
 
 def _wait_ready(proc: subprocess.Popen, timeout: float) -> bool:
-    """True once the server printed ``ready``; False if the launcher exited first."""
+    """True once the server printed a ``ready`` line (a function may print
+    before it); False if the launcher exited first."""
     assert proc.stdout is not None
     fd, buf = proc.stdout.fileno(), b""
     deadline = time.monotonic() + timeout
-    while b"\n" not in buf:
+    while b"ready" not in buf.split(b"\n")[:-1]:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
-            data = os.read(fd, 256)
+            data = os.read(fd, 4096)
             if not data:
                 return False
-            buf += data
-    return buf.split(b"\n", 1)[0].strip() == b"ready"
+            buf = (buf + data)[-65536:]
+    return True
 
 
 class Runtime:
@@ -181,11 +186,15 @@ class Runtime:
         finally:
             ctr.launcher.stdout.close()
         if not ok:
-            rc = ctr.launcher.wait(STOP_GRACE)
+            try:
+                rc = ctr.launcher.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                rc = None  # the server lives on: _cleanup stops it
             raise AgentFault(errno.EIO, f"container {ctr.id!r} failed to start "
                              f"(crun run exited {rc})", _log_tail(d / "log"))
         t3 = time.monotonic()
         ctr.last_used = t3
+        ctr.starting = False
         return {"czone": ctr.czone, "launcher_pid": ctr.launcher.pid,
                 "t": {"czone_create_ms": ms(t0, t1), "bundle_ms": ms(t1, t2),
                       "crun_to_ready_ms": ms(t2, t3), "start_ms": ms(t0, t3)}}
@@ -217,7 +226,13 @@ class Runtime:
             t1 = time.monotonic()
             ctr.invocations += 1
             ctr.last_used = t1
-        answer = json.loads(reply)
+        try:
+            answer = json.loads(reply)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise AgentFault(errno.EPROTO, f"container {ctr_id!r}: malformed answer "
+                             f"{reply[:200]!r}")
         answer.setdefault("t", {})["invoke_ms"] = ms(t0, t1)
         return {"reply": answer}
 
@@ -235,8 +250,14 @@ class Runtime:
 
     # -- stop and destroy ------------------------------------------------------
 
-    def stop(self, ctr_id: str) -> dict:
+    def _settled(self, ctr_id: str) -> Container:
         ctr = self.get(ctr_id)
+        if ctr.starting:
+            raise AgentFault(errno.EBUSY, f"container {ctr_id!r} is still starting")
+        return ctr
+
+    def stop(self, ctr_id: str) -> dict:
+        ctr = self._settled(ctr_id)
         t0 = time.monotonic()
         self._stop(ctr)
         return {"exit_status": ctr.launcher.poll() if ctr.launcher else None,
@@ -249,18 +270,22 @@ class Runtime:
         if not ctr.running():
             return
         for sig, grace in (("TERM", STOP_GRACE), ("KILL", STOP_GRACE)):
-            subprocess.run([CRUN, "kill", ctr.id, sig], capture_output=True, check=False,
-                           timeout=10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                subprocess.run([CRUN, "kill", ctr.id, sig], capture_output=True,
+                               check=False, timeout=10)
             try:
                 ctr.launcher.wait(grace)
                 return
             except subprocess.TimeoutExpired:
                 pass
         ctr.launcher.kill()
-        ctr.launcher.wait(STOP_GRACE)
+        try:
+            ctr.launcher.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            pass  # reaped later; destroy retries while its tasks exit
 
     def destroy(self, ctr_id: str) -> dict:
-        ctr = self.get(ctr_id)
+        ctr = self._settled(ctr_id)
         if ctr.running():
             raise AgentFault(errno.EBUSY, f"container {ctr_id!r} is running; stop it first")
         t0 = time.monotonic()
@@ -268,7 +293,7 @@ class Runtime:
         return {**res, "t": {"destroy_ms": ms(t0, time.monotonic())}}
 
     def kill(self, ctr_id: str) -> dict:
-        ctr = self.get(ctr_id)
+        ctr = self._settled(ctr_id)
         t0 = time.monotonic()
         self._stop(ctr)
         t1 = time.monotonic()
@@ -278,15 +303,23 @@ class Runtime:
     def _cleanup(self, ctr: Container) -> dict:
         """Stop what runs, destroy the CZone, remove crun state and the bundle."""
         self._stop(ctr)
-        subprocess.run([CRUN, "delete", "--force", ctr.id], capture_output=True, check=False,
-                       timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([CRUN, "delete", "--force", ctr.id], capture_output=True,
+                           check=False, timeout=10)
         res: dict = {}
         if ctr.czone:
             deadline = time.monotonic() + DESTROY_RETRY
             while True:
                 try:
                     res = self.dev.destroy(ctr.czone)
-                    break
+                    if not res["failed_pages"]:
+                        break
+                    # Pages still pinned: the CZone is dying; destroy again.
+                    if time.monotonic() > deadline:
+                        raise AgentFault(errno.EBUSY, f"CZone {ctr.czone}: "
+                                         f"{res['failed_pages']} pages could not be "
+                                         "migrated yet; destroy it again later")
+                    time.sleep(0.05)
                 except OSError as e:
                     # The last task may still be exiting: its mm goes a moment later.
                     if e.errno != errno.EBUSY or time.monotonic() > deadline:
@@ -301,8 +334,11 @@ class Runtime:
     # -- memory ----------------------------------------------------------------
 
     def reclaim(self, ctr_id: str | None, idle_for: float) -> dict:
-        with self.lock:
-            ctrs = [self.ctrs[ctr_id]] if ctr_id else list(self.ctrs.values())
+        if ctr_id:
+            ctrs = [self.get(ctr_id)]
+        else:
+            with self.lock:
+                ctrs = list(self.ctrs.values())
         now, out = time.monotonic(), {}
         for ctr in ctrs:
             if ctr.czone and now - ctr.last_used >= idle_for:
