@@ -658,15 +658,19 @@ class Service:
                 self.db.set_vm(vm.name, state="dead")
                 done.append(f"VM {vm.name}: its boot was cut short; "
                             f"{strays} QEMU process(es) killed")
-        vms = {v.name: v for v in self.db.list()}
         pending: dict[str, list[CtrRecord]] = {}
-        for c in self.db.ctrs():
-            vm = vms.get(c.vm)
-            if c.state != "lost" and (vm is None or status(vm) == "dead"):
-                self.db.set_ctr(c.id, state="lost")
-                done.append(f"container {c.id}: lost with VM {c.vm}")
-            elif c.state in ("starting", "stopping") and not c.owner_alive():
-                pending.setdefault(c.vm, []).append(c)
+        # One snapshot of both tables: a VM and its first container are
+        # written together by _place, and must be read together.
+        with self.db.transaction() as conn:
+            vms = {v.name: v for v in vms_in(conn)}
+            for c in ctrs_in(conn):
+                vm = vms.get(c.vm)
+                if c.state != "lost" and (vm is None or status(vm) == "dead"):
+                    conn.execute("UPDATE containers SET state='lost' WHERE id=? AND state=?",
+                                 (c.id, c.state))
+                    done.append(f"container {c.id}: lost with VM {c.vm}")
+                elif c.state in ("starting", "stopping") and not c.owner_alive():
+                    pending.setdefault(c.vm, []).append(c)
         for vm_name, ctrs in pending.items():
             try:
                 listed = {c["id"]: c for c in self._ask(vm_name, lambda a: a.list())}
