@@ -116,3 +116,18 @@ def test_kill_gives_the_containers_memory_back_to_the_host(mcpv_vm: Machine,
     assert res["migrated_pages"] == 0 and res["released_chunks"] > 0
     # The host gets back what the CZone had backed, within 2 MiB (one chunk).
     assert abs((before - after) - backed) <= 2 * MiB, (before - after, backed)
+
+
+def test_the_writable_layer_is_the_containers_own_memory(mcpv_vm: Machine,
+                                                        agent: RuntimeAgent) -> None:
+    # The overlay's upper layer is a tmpfs the container's first task mounted:
+    # what the container writes to its root lands in its CZone.
+    agent.start("writer", "matmul", 64, args=[
+        "/bin/sh", "-c", "dd if=/dev/urandom of=/layer.bin bs=1M count=24 2>/dev/null; "
+                         "echo ready; exec sleep 600"])
+    st = agent.stats()["writer"]
+    assert st["czone_stat"]["used_pages"] * 4096 >= 24 * MiB, st["czone_stat"]
+    assert guest(mcpv_vm, "ls /run/czone/fnbase/layer.bin 2>&1 || true").strip().endswith(
+        "No such file or directory"), "the write went to the shared base image"
+    agent.kill("writer")
+    assert_dmesg_clean(mcpv_vm)
