@@ -153,6 +153,21 @@ def test_czonectl_killed_midway_is_reconciled(env: dict[str, str]) -> None:
         [c for c in ps(env) if c["state"] == "running"]) == 2, timeout=120)
     assert len(own_qemu_processes(Path(env["CZONE_RUN"]))) == 1
 
+    # Killed in the middle of `kill`: the next command finishes the kill.
+    victim = [c for c in ps(env) if c["state"] == "running"][0]
+    proc = subprocess.Popen([*czonectl_argv(), "kill", victim["id"]], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for("the kill to start", lambda: any(
+        c["id"] == victim["id"] and c["state"] == "stopping"
+        for c in db_rows(env, "containers")))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert victim["id"] not in {c["id"] for c in ps(env)}
+    [vm] = [v for v in db_rows(env, "vms") if v["name"] == victim["vm"]]
+    with SSHClient("127.0.0.1", vm["ssh_port"], Path(vm["ssh_key"])) as ssh:
+        left = ssh.run("ls /run/czone/ctr /sys/fs/cgroup/czone").stdout.split()
+    assert victim["id"] not in left, left
+
 
 def test_twenty_concurrent_runs_share_one_vm(env: dict[str, str]) -> None:
     procs = [subprocess.Popen([*czonectl_argv(), "run", FN, "--json"], env=env,
