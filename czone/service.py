@@ -19,26 +19,23 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from czone import accel as accel_mod
-from czone import artifacts, hostmem, template
+from czone import artifacts, hostmem, recovery, template
 from czone.errors import CZoneError
 from czone.functions import FUNCTIONS, memory_for
-from czone.guest.runtime import AGENT_MARKER, AgentError, AgentLost, RuntimeAgent
+from czone.guest.runtime import AgentError, AgentLost, RuntimeAgent
 from czone.guest.ssh import SSHClient, SshError
 from czone.net import check_port_free, free_port
 from czone.placement import Mode, NoFit, VmView, place, round_up
 from czone.qemu import qmp
 from czone.qemu.cmdline import (
     DEVICE_MEMFD,
-    INIT_MARKER,
     LINUX_MEMORY_BLOCK_MIB,
     MEMORY_DEVICE_ID,
-    READY_MARKER,
     VmSpec,
     qmp_socket_path,
 )
@@ -49,12 +46,13 @@ from czone.state import (
     VmRecord,
     ctr_insert,
     ctrs_in,
-    live_process,
     process_start,
     status,
     vm_insert,
     vms_in,
 )
+from czone.template import guest_id
+from czone.vmboot import BOOT_TIMEOUT, boot_machine
 from czone.vmspec import spec_for
 
 RUN_MODES: tuple[Mode, ...] = ("mcpv", "scpv-template", "scpv-snapshot")
@@ -68,7 +66,6 @@ VM_BOOT_MIB = 512
 # every 4 KiB of the device (16 MiB per GiB) when it adds the region.
 MCPV_DEVICE_MIB = 2560
 BLOCK_MIB = 2
-BOOT_TIMEOUT = 180.0
 WAIT_VM_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 120.0
 TEMPLATE_LOCK_TIMEOUT = 600.0
@@ -101,49 +98,6 @@ class KillResult:
     guest: dict[str, Any] = field(default_factory=dict)
 
 
-def boot_machine(spec: VmSpec, ssh_key: Path, timeout: float = BOOT_TIMEOUT,
-                 tpl: template.Template | None = None) -> tuple[Machine, dict[str, float]]:
-    """Launch ``spec`` and wait until it serves: the one boot sequence of every
-    VM (records, benchmarks and tests alike).  A boot waits for the kernel to
-    hand over to init, for sshd, for an SSH command and, with a function base
-    image, for the agent; a clone of template ``tpl`` loads its state instead
-    of booting.  Returns the machine and the seconds each stage took from the
-    launch; on failure QEMU is stopped and the error carries its logs."""
-    machine = Machine(spec, ssh_key=ssh_key)
-    t0 = time.monotonic()
-    times: dict[str, float] = {}
-    try:
-        machine.launch()
-        if machine.pid is None or machine.proc_start is None:
-            raise ServiceError(f"QEMU of VM {spec.name} exited right after it connected "
-                               f"to QMP; see {machine.qemu_log}")
-        if tpl is not None:
-            template.resume(machine, tpl)
-            times["resume_s"] = time.monotonic() - t0
-        else:
-            for key, marker in (("init_s", INIT_MARKER), ("sshd_s", READY_MARKER)):
-                machine.wait_for_console(marker, timeout)
-                times[key] = time.monotonic() - t0
-        machine.wait_ssh(timeout).close()
-        times["ssh_ready_s"] = time.monotonic() - t0
-        if spec.fnbase is not None and tpl is None:
-            machine.wait_for_console(AGENT_MARKER, timeout)
-            times["agent_s"] = time.monotonic() - t0
-    except BaseException:
-        machine.shutdown(timeout=3.0)
-        raise
-    return machine, times
-
-
-@contextmanager
-def booted(spec: VmSpec, ssh_key: Path,
-           timeout: float = BOOT_TIMEOUT) -> Iterator[tuple[Machine, dict[str, float]]]:
-    """A VM without a record, for benchmarks: booted, then shut down."""
-    machine, times = boot_machine(spec, ssh_key, timeout)
-    with machine:
-        yield machine, times
-
-
 def _lock(f: Any, timeout: float, what: str) -> None:
     """flock(LOCK_EX) with a deadline: another czonectl may be building."""
     deadline = time.monotonic() + timeout
@@ -155,12 +109,6 @@ def _lock(f: Any, timeout: float, what: str) -> None:
             if time.monotonic() > deadline:
                 raise ServiceError(f"{what} still held after {timeout:.0f}s") from None
             time.sleep(0.2)
-
-
-def guest_id(mode: str, ctr_id: str) -> str:
-    """The container's name inside its VM: a snapshot clone serves the one
-    its template started."""
-    return template.SNAPSHOT_CTR if mode == "scpv-snapshot" else ctr_id
 
 
 def _new_id(prefix: str) -> str:
@@ -319,7 +267,7 @@ class Service:
             ssh_agent[1].close()
             ssh_agent[0].close()
 
-    def _ask(self, vm: str, op: Callable[[RuntimeAgent], Any], retry: bool = True) -> Any:
+    def ask(self, vm: str, op: Callable[[RuntimeAgent], Any], retry: bool = True) -> Any:
         """``op`` on ``vm``'s agent; a dropped connection is reopened once."""
         try:
             return op(self.agent(vm))
@@ -373,10 +321,10 @@ class Service:
                 tpl = self.template(boot_spec, fn, memory_mib, warm=mode == "scpv-snapshot")
                 self._boot(boot_spec, tpl=tpl)
             if mode == "scpv-snapshot":
-                guest = {"czone": self._ask(vm, lambda a: a.list())[0]["czone"]}
+                guest = {"czone": self.ask(vm, lambda a: a.list())[0]["czone"]}
             else:
-                guest = self._ask(vm, lambda a: a.start(gid, fn, memory_mib), retry=False)
-            warm = self._ask(vm, lambda a: a.invoke(gid, payload))
+                guest = self.ask(vm, lambda a: a.start(gid, fn, memory_mib), retry=False)
+            warm = self.ask(vm, lambda a: a.invoke(gid, payload))
         except BaseException:
             self._forget_failed(ctr_id, vm, mode, gid)
             raise
@@ -506,7 +454,7 @@ class Service:
                 if vm in {v.name for v in self.db.list()}:
                     self.vm_down(vm, timeout=5)
             elif status(self.db.get(vm)) == "running":
-                self._ask(vm, lambda a: self._kill_in_guest(a, gid), retry=False)
+                self.ask(vm, lambda a: self.kill_in_guest(a, gid), retry=False)
         self.db.remove_ctr(ctr_id)
 
     def _owned(self, ctr_id: str) -> CtrRecord:
@@ -525,7 +473,7 @@ class Service:
         rec = self._owned(ctr_id)
         t0 = time.monotonic()
         gid = guest_id(self.db.get(rec.vm).mode or "mcpv", ctr_id)
-        reply = self._ask(rec.vm, lambda a: a.invoke(gid, payload, timeout))
+        reply = self.ask(rec.vm, lambda a: a.invoke(gid, payload, timeout))
         return reply, time.monotonic() - t0
 
     def kill(self, ctr_id: str) -> KillResult:
@@ -555,7 +503,7 @@ class Service:
             return hostmem.stable_mapping_rss(pid, DEVICE_MEMFD)
 
         before = self._measure(device, vm)
-        guest = self._ask(vm.name, lambda a: self._kill_in_guest(a, ctr_id))
+        guest = self.ask(vm.name, lambda a: self.kill_in_guest(a, ctr_id))
         after = self._measure(device, vm)
         self.db.remove_ctr(ctr_id)
         returned = None if before is None or after is None else max(0, before - after)
@@ -569,27 +517,8 @@ class Service:
             self.progress(f"warning: cannot measure the memory of {vm.name}: {e}")
             return None
 
-    def _settle(self, c: CtrRecord, vm: VmRecord, listed: dict[str, Any]) -> str:
-        """One container whose owner died midway, against the agent's list."""
-        gid = guest_id(vm.mode or "mcpv", c.id)
-        state = listed.get(gid, {}).get("state")
-        if c.state == "starting" and state == "running":
-            self.db.set_ctr(c.id, state="running", czone=listed[gid]["czone"])
-            return f"container {c.id}: start cut short, found running"
-        if vm.mode != "mcpv":
-            self.vm_down(vm.name, timeout=5)
-            self.db.remove_ctr(c.id)
-            return f"container {c.id}: {c.state} cut short; its SCPV VM stopped"
-        if gid in listed:
-            self._ask(vm.name, lambda a: self._kill_in_guest(a, gid))
-        if c.state == "stopping":
-            self.db.remove_ctr(c.id)
-            return f"container {c.id}: kill cut short; finished it"
-        self.db.set_ctr(c.id, state="lost")
-        return f"container {c.id}: start cut short before it ran (lost)"
-
     @staticmethod
-    def _kill_in_guest(agent: RuntimeAgent, ctr_id: str) -> dict[str, Any]:
+    def kill_in_guest(agent: RuntimeAgent, ctr_id: str) -> dict[str, Any]:
         try:
             return agent.kill(ctr_id)
         except AgentError as e:
@@ -613,7 +542,7 @@ class Service:
         out = {}
         for vm in self.running_vms():
             before = hostmem.stable_mapping_rss(vm.pid, DEVICE_MEMFD)
-            res = self._ask(vm.name, lambda a: a.reclaim(None, idle_for))
+            res = self.ask(vm.name, lambda a: a.reclaim(None, idle_for))
             after = hostmem.stable_mapping_rss(vm.pid, DEVICE_MEMFD)
             pages = sum(r.get("discarded_pages", 0) for r in res.values())
             chunks = sum(r.get("released_chunks", 0) for r in res.values())
@@ -636,58 +565,11 @@ class Service:
                             "rss_bytes": hostmem.rss_bytes(vm.pid),
                             "pss_bytes": hostmem.pss_bytes(vm.pid),
                             "plugged_bytes": plugged, "requested_mib": vm.requested_mib,
-                            "containers": self._ask(vm.name, lambda a: a.stats())}
+                            "containers": self.ask(vm.name, lambda a: a.stats())}
         return out
 
     # -- recovery ------------------------------------------------------------
 
     def reconcile(self) -> list[str]:
-        """Repair records left by a czonectl that died midway; says what it did.
-
-        - a container whose VM is dead is *lost*;
-        - a VM record still ``starting`` whose owner died: its QEMU (if any)
-          is killed and its containers are lost;
-        - a container ``starting`` or ``stopping`` whose owner died is settled
-          by the agent's list: running there -> running (or killed, if it
-          was being stopped); absent -> lost or removed.
-        """
-        done: list[str] = []
-        for vm in self.db.list():
-            if vm.state == "starting" and live_process(vm.pid, vm.proc_start) is None:
-                strays = kill_strays(Path(vm.run_dir))
-                self.db.set_vm(vm.name, state="dead")
-                done.append(f"VM {vm.name}: its boot was cut short; "
-                            f"{strays} QEMU process(es) killed")
-        pending: dict[str, list[CtrRecord]] = {}
-        # One snapshot of both tables: a VM and its first container are
-        # written together by _place, and must be read together.
-        with self.db.transaction() as conn:
-            vms = {v.name: v for v in vms_in(conn)}
-            for c in ctrs_in(conn):
-                vm = vms.get(c.vm)
-                if c.state != "lost" and (vm is None or status(vm) == "dead"):
-                    conn.execute("UPDATE containers SET state='lost' WHERE id=? AND state=?",
-                                 (c.id, c.state))
-                    done.append(f"container {c.id}: lost with VM {c.vm}")
-                elif c.state in ("starting", "stopping") and not c.owner_alive():
-                    pending.setdefault(c.vm, []).append(c)
-        for vm_name, ctrs in pending.items():
-            try:
-                listed = {c["id"]: c for c in self._ask(vm_name, lambda a: a.list())}
-            except CZoneError as e:
-                done.append(f"VM {vm_name}: cannot reach the agent to reconcile: {e}")
-                continue
-            for c in ctrs:
-                try:
-                    done.append(self._settle(c, vms[vm_name], listed))
-                except CZoneError as e:
-                    done.append(f"container {c.id}: cannot settle it yet: {e}")
-        for line in done:
-            self.progress(f"reconcile: {line}")
-        return done
-
-
-@contextmanager
-def service(**kw: Any) -> Iterator[Service]:
-    with Service(**kw) as svc:
-        yield svc
+        """Repair what a czonectl that died midway left behind (czone/recovery.py)."""
+        return recovery.reconcile(self)

@@ -138,3 +138,9 @@ def resume(vm: Machine, tpl: Template) -> dict[str, Any]:
     t1 = time.monotonic()
     vm.qmp("cont")
     return {"incoming_s": t1 - t0}
+
+
+def guest_id(mode: str, ctr_id: str) -> str:
+    """The container's name inside its VM: a snapshot clone serves the one
+    its template started."""
+    return SNAPSHOT_CTR if mode == "scpv-snapshot" else ctr_id

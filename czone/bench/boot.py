@@ -11,8 +11,8 @@ from czone import artifacts
 from czone.bench.report import median, table
 from czone.net import free_port
 from czone.qemu.cmdline import Accel
-from czone.service import booted
 from czone.state import run_root
+from czone.vmboot import booted
 from czone.vmspec import spec_for
 
 TIMEOUT = 120.0

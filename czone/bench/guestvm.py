@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from czone import accel as accel_mod
-from czone import artifacts, service
+from czone import artifacts, vmboot
 from czone.errors import CZoneError
 from czone.net import free_port
 from czone.qemu.machine import Machine
@@ -37,7 +37,7 @@ def booted(name: str, memory_mib: int, extra_append: str = "",
     with tempfile.TemporaryDirectory(prefix=f"czb-{name}-") as d:
         spec = spec_for(name, Path(d), kernel, image, qemu, accel, free_port(), memory_mib,
                         extra_append=extra_append, **extra)
-        with service.booted(spec, image.ssh_key, BOOT_TIMEOUT) as (vm, _):
+        with vmboot.booted(spec, image.ssh_key, BOOT_TIMEOUT) as (vm, _):
             yield vm, accel
 
 

@@ -40,7 +40,7 @@ def test_a_dropped_connection_is_reopened_once(svc: Service,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     agent = FlakyAgent(failures=1)
     dropped = use(svc, monkeypatch, agent)
-    assert svc._ask("vm1", lambda a: a.list()) == ["c1"]
+    assert svc.ask("vm1", lambda a: a.list()) == ["c1"]
     assert agent.calls == 2 and dropped == ["vm1"]
 
 
@@ -49,7 +49,7 @@ def test_a_second_drop_is_one_clear_error(svc: Service,
     agent = FlakyAgent(failures=2)
     use(svc, monkeypatch, agent)
     with pytest.raises(ServiceError, match="agent unreachable after a retry"):
-        svc._ask("vm1", lambda a: a.list())
+        svc.ask("vm1", lambda a: a.list())
     assert agent.calls == 2
 
 
@@ -58,5 +58,5 @@ def test_no_retry_where_repeating_could_do_it_twice(svc: Service,
     agent = FlakyAgent(failures=1)
     use(svc, monkeypatch, agent)
     with pytest.raises(ServiceError, match="connection closed"):
-        svc._ask("vm1", lambda a: a.list(), retry=False)
+        svc.ask("vm1", lambda a: a.list(), retry=False)
     assert agent.calls == 1

@@ -20,8 +20,8 @@ from czone import artifacts as art
 from czone.net import free_port
 from czone.qemu.cmdline import Accel, VmSpec, build_argv, qemu_log_path, serial_log_path
 from czone.qemu.machine import Machine
-from czone.service import boot_machine
 from czone.state import run_root
+from czone.vmboot import boot_machine
 from czone.vmspec import spec_for
 
 REPO = Path(__file__).resolve().parents[2]

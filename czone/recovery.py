@@ -1,0 +1,82 @@
+"""Recovery: repair what a czonectl process that died midway left behind,
+against the real QEMU processes and the guest agents' lists.  Every command
+of the service layer runs ``reconcile`` first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from czone.errors import CZoneError
+from czone.qemu.machine import kill_strays
+from czone.state import CtrRecord, VmRecord, ctrs_in, live_process, status, vms_in
+from czone.template import guest_id
+
+if TYPE_CHECKING:
+    from czone.service import Service
+
+
+def reconcile(svc: Service) -> list[str]:
+    """Repair records left by a czonectl that died midway; says what it did.
+
+    - a container whose VM is dead is *lost*;
+    - a VM record still ``starting`` whose owner died: its QEMU (if any)
+      is killed and its containers are lost;
+    - a container ``starting`` or ``stopping`` whose owner died is settled
+      by the agent's list: running there -> running (or killed, if it
+      was being stopped); absent -> lost or removed.
+    """
+    done: list[str] = []
+    for vm in svc.db.list():
+        if vm.state == "starting" and live_process(vm.pid, vm.proc_start) is None:
+            strays = kill_strays(Path(vm.run_dir))
+            svc.db.set_vm(vm.name, state="dead")
+            done.append(f"VM {vm.name}: its boot was cut short; "
+                        f"{strays} QEMU process(es) killed")
+    pending: dict[str, list[CtrRecord]] = {}
+    # One snapshot of both tables: a VM and its first container are
+    # written together by _place, and must be read together.
+    with svc.db.transaction() as conn:
+        vms = {v.name: v for v in vms_in(conn)}
+        for c in ctrs_in(conn):
+            vm = vms.get(c.vm)
+            if c.state != "lost" and (vm is None or status(vm) == "dead"):
+                conn.execute("UPDATE containers SET state='lost' WHERE id=? AND state=?",
+                             (c.id, c.state))
+                done.append(f"container {c.id}: lost with VM {c.vm}")
+            elif c.state in ("starting", "stopping") and not c.owner_alive():
+                pending.setdefault(c.vm, []).append(c)
+    for vm_name, ctrs in pending.items():
+        try:
+            listed = {c["id"]: c for c in svc.ask(vm_name, lambda a: a.list())}
+        except CZoneError as e:
+            done.append(f"VM {vm_name}: cannot reach the agent to reconcile: {e}")
+            continue
+        for c in ctrs:
+            try:
+                done.append(_settle(svc, c, vms[vm_name], listed))
+            except CZoneError as e:
+                done.append(f"container {c.id}: cannot settle it yet: {e}")
+    for line in done:
+        svc.progress(f"reconcile: {line}")
+    return done
+
+
+def _settle(svc: Service, c: CtrRecord, vm: VmRecord, listed: dict[str, Any]) -> str:
+    """One container whose owner died midway, against the agent's list."""
+    gid = guest_id(vm.mode or "mcpv", c.id)
+    state = listed.get(gid, {}).get("state")
+    if c.state == "starting" and state == "running":
+        svc.db.set_ctr(c.id, state="running", czone=listed[gid]["czone"])
+        return f"container {c.id}: start cut short, found running"
+    if vm.mode != "mcpv":
+        svc.vm_down(vm.name, timeout=5)
+        svc.db.remove_ctr(c.id)
+        return f"container {c.id}: {c.state} cut short; its SCPV VM stopped"
+    if gid in listed:
+        svc.ask(vm.name, lambda a: svc.kill_in_guest(a, gid))
+    if c.state == "stopping":
+        svc.db.remove_ctr(c.id)
+        return f"container {c.id}: kill cut short; finished it"
+    svc.db.set_ctr(c.id, state="lost")
+    return f"container {c.id}: start cut short before it ran (lost)"
