@@ -450,10 +450,14 @@ class Service:
         with its one container, and the record goes.  Best effort: the
         original error is what the user sees."""
         with contextlib.suppress(CZoneError, OSError):
-            if mode != "mcpv":
-                if vm in {v.name for v in self.db.list()}:
+            rec = self.db.get(vm) if vm in {v.name for v in self.db.list()} else None
+            if mode != "mcpv" and rec is not None:
+                if status(rec) == "starting":  # ours: its template never came up
+                    kill_strays(Path(rec.run_dir))
+                    self.db.remove(vm)
+                else:
                     self.vm_down(vm, timeout=5)
-            elif status(self.db.get(vm)) == "running":
+            elif rec is not None and status(rec) == "running":
                 self.ask(vm, lambda a: self.kill_in_guest(a, gid), retry=False)
         self.db.remove_ctr(ctr_id)
 
