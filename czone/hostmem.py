@@ -138,19 +138,25 @@ def settled_after(samples: list[tuple[float, int]], t0: float, quiet: float,
     return after, max(0.0, settled_at - t0)
 
 
-def mapping_rss(pid: int, name: str) -> int:
-    """RSS of the mappings of ``pid`` whose path contains ``name``, e.g. the
-    memfd behind a memory device (``memfd:memory-backend-memfd``): the guest memory
-    the host backs, without QEMU's own allocations or TCG's code cache."""
-    total, match = 0, False
+def smaps_total(pid: int, field: str, match: Callable[[str, str], bool]) -> int:
+    """Bytes of ``field`` (``Rss``, ``Pss``, ...) summed over the mappings of
+    ``pid`` for which ``match(perms, path)`` holds (path "" if anonymous)."""
+    total, on = 0, False
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             head = line.split(maxsplit=5)
             if "-" in head[0] and len(head) >= 5:
-                match = len(head) == 6 and name in head[5]
-            elif match and head[0] == "Rss:":
+                on = match(head[1], head[5].strip() if len(head) == 6 else "")
+            elif on and head[0] == f"{field}:":
                 total += int(head[1]) * 1024
     return total
+
+
+def mapping_rss(pid: int, name: str) -> int:
+    """RSS of the mappings of ``pid`` whose path contains ``name``, e.g. the
+    memfd behind a memory device (``memfd:memory-backend-memfd``): the guest memory
+    the host backs, without QEMU's own allocations or TCG's code cache."""
+    return smaps_total(pid, "Rss", lambda _perms, path: name in path)
 
 
 def stable_mapping_rss(pid: int, name: str, timeout: float = 120.0) -> int:

@@ -316,8 +316,9 @@ class Service:
                 else:
                     self._wait_up(vm)
                 self._apply_requested(vm)
+            elif boot_spec is None:
+                raise ServiceError(f"placement put an SCPV container into VM {vm!r}")
             else:
-                assert boot_spec is not None
                 tpl = self.template(boot_spec, fn, memory_mib, warm=mode == "scpv-snapshot")
                 self._boot(boot_spec, tpl=tpl)
             if mode == "scpv-snapshot":

@@ -60,15 +60,7 @@ def _prepare(svc: Service, mode: str) -> None:
 
 def code_cache_pss(pid: int) -> int:
     """PSS of anonymous executable mappings: TCG's translated code."""
-    total, exec_anon = 0, False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split()
-            if "-" in head[0] and len(head) >= 5:
-                exec_anon = "x" in head[1] and len(head) == 5
-            elif head[0] == "Pss:" and exec_anon:
-                total += int(head[1]) * 1024
-    return total
+    return hostmem.smaps_total(pid, "Pss", lambda perms, path: "x" in perms and not path)
 
 
 def spread(xs: list[float]) -> str:

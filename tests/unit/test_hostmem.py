@@ -109,3 +109,23 @@ def test_rss_of_an_exited_process_is_one_clear_error() -> None:
     p.wait()
     with pytest.raises(CZoneError, match=f"cannot read /proc/{p.pid}/statm: .* exited"):
         hostmem.rss_bytes(p.pid)
+
+
+def test_smaps_totals_pick_the_mappings_asked_for(tmp_path) -> None:
+    import mmap
+
+    from czone.hostmem import MiB, smaps_total
+
+    anon = mmap.mmap(-1, 8 * MiB)
+    anon.write(b"x" * (8 * MiB))
+    path = tmp_path / "f"
+    path.write_bytes(b"y" * (4 * MiB))
+    with open(path, "r+b") as f:
+        mapped = mmap.mmap(f.fileno(), 0)
+        assert sum(mapped[i] for i in range(0, 4 * MiB, 4096)) > 0  # fault it in
+        in_file = smaps_total(os.getpid(), "Rss", lambda _p, name: name == str(path))
+        assert in_file == 4 * MiB
+        assert smaps_total(os.getpid(), "Rss", lambda _p, name: False) == 0
+        assert smaps_total(os.getpid(), "Rss", lambda _p, name: name == "") >= 8 * MiB
+        mapped.close()
+    anon.close()
