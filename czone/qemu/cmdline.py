@@ -127,7 +127,17 @@ def machine_args(spec: VmSpec) -> list[str]:
     accel = spec.accel
     if spec.accel == "tcg" and spec.tb_size_mib is not None:
         accel += f",tb-size={spec.tb_size_mib}"
-    return ["-M", spec.machine, "-accel", accel, "-cpu", cpu, "-smp", str(spec.cpus)]
+    if spec.accel == "tcg" and spec.cpus > 1:
+        # QEMU 7.2's multi-threaded TCG can run a stale translation after
+        # another vCPU patched kernel text (an int3 oops in sched_clock_cpu
+        # at boot, 2 boots of 30): one thread runs all vCPUs round-robin.
+        accel += ",thread=single"
+    args = ["-M", spec.machine, "-accel", accel, "-cpu", cpu, "-smp", str(spec.cpus)]
+    if spec.machine == "q35":
+        # A wakeup from S3 is a reset, and with -no-reboot QEMU exits and every
+        # container is gone; no sleep state is offered until the stack survives one.
+        args += ["-global", "ICH9-LPC.disable_s3=1", "-global", "ICH9-LPC.disable_s4=1"]
+    return args
 
 
 def memory_args(spec: VmSpec) -> list[str]:

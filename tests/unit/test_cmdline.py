@@ -21,7 +21,7 @@ def test_exact_args() -> None:
     argv = build_argv(SPEC)
     assert argv[0] == "/q/qemu-system-x86_64"
     p = pairs(argv)
-    for pair in [("-M", "q35"), ("-accel", "tcg"), ("-cpu", "max"), ("-smp", "2"),
+    for pair in [("-M", "q35"), ("-accel", "tcg,thread=single"), ("-cpu", "max"), ("-smp", "2"),
                  ("-m", "512M,slots=8,maxmem=4608M"), ("-kernel", "/k/vmlinux"),
                  ("-L", "/usr/share/qemu"), ("-L", "/usr/share/seabios"),
                  ("-drive", "file=/i/rootfs.squashfs,if=none,id=root,format=raw,readonly=on"),
@@ -81,7 +81,8 @@ def test_argv_is_the_spec_and_nothing_else(tmp_path: Path,
         "/q/qemu-system-x86_64", "-name", "czone-vm0",
         "-nodefaults", "-no-user-config", "-no-reboot",
         "-L", "/usr/share/qemu", "-L", "/usr/share/seabios",
-        "-M", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2",
+        "-M", "q35", "-accel", "tcg,thread=single", "-cpu", "max", "-smp", "2",
+        "-global", "ICH9-LPC.disable_s3=1", "-global", "ICH9-LPC.disable_s4=1",
         "-m", "512M,slots=8,maxmem=4608M",
         "-kernel", "/k/vmlinux", "-append", BASE_APPEND,
         "-drive", "file=/i/rootfs.squashfs,if=none,id=root,format=raw,readonly=on",
@@ -140,3 +141,14 @@ def test_balloon_mode_reports_free_pages():
 def test_bad_memory_mode_args(kw):
     with pytest.raises(ValueError):
         replace(SPEC, **kw)
+
+
+def test_tcg_runs_several_vcpus_in_one_thread() -> None:
+    assert ("-accel", "tcg") in pairs(build_argv(replace(SPEC, cpus=1)))
+    assert ("-accel", "tcg,thread=single") in pairs(build_argv(SPEC))
+    assert ("-accel", "kvm") in pairs(build_argv(replace(SPEC, accel="kvm")))
+
+
+def test_no_sleep_states_offered() -> None:
+    p = pairs(build_argv(SPEC))
+    assert ("-global", "ICH9-LPC.disable_s3=1") in p and ("-global", "ICH9-LPC.disable_s4=1") in p
