@@ -15,6 +15,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,19 +91,18 @@ def input_key(name: str, root: Path = REPO) -> str:
 
 
 def shared_header(root: Path = REPO) -> str:
-    """The text of SHARED_HEADER as the kernel series creates it."""
-    marker = f"+++ b/{SHARED_HEADER}"
-    for patch in sorted((root / KERNEL_SERIES).glob("*.patch")):
-        lines = patch.read_text().splitlines()
-        if marker not in lines:
-            continue
-        out = []
-        for line in lines[lines.index(marker) + 2:]:
-            if not line.startswith("+"):
-                break
-            out.append(line[1:])
-        return "\n".join(out) + "\n"
-    raise CZoneError(f"no patch in {KERNEL_SERIES} creates {SHARED_HEADER}")
+    """The text of SHARED_HEADER as the kernel series leaves it: the patch
+    that creates it and every later one that changes it, applied alone."""
+    patches = sorted((root / KERNEL_SERIES).glob("*.patch"))
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(["git", "apply", f"--include={SHARED_HEADER}",
+                               *map(str, patches)],
+                              cwd=tmp, capture_output=True, text=True)
+        header = Path(tmp) / SHARED_HEADER
+        if proc.returncode != 0 or not header.exists():
+            raise CZoneError(f"no {SHARED_HEADER} from {KERNEL_SERIES}: "
+                             f"{proc.stderr.strip() or 'no patch creates it'}")
+        return header.read_text()
 
 
 def artifact_dir(name: str) -> Path:

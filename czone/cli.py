@@ -14,7 +14,7 @@ import click
 
 from czone import accel as accel_mod
 from czone import artifacts
-from czone.cli_mem import vm_mem, vm_resize
+from czone.cli_mem import vm_mem, vm_reclaim, vm_resize
 from czone.cli_run import COMMANDS
 from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient
@@ -63,6 +63,7 @@ def vm() -> None:
 
 
 vm.add_command(vm_resize)
+vm.add_command(vm_reclaim)
 vm.add_command(vm_mem)
 for command in COMMANDS:
     cli.add_command(command)

@@ -1,4 +1,4 @@
-"""``czonectl vm resize`` and ``czonectl vm mem``: a VM's elastic memory over QMP."""
+"""``czonectl vm resize``, ``vm mem`` and ``vm reclaim``: a VM's elastic memory over QMP."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from czone.errors import CZoneError
 from czone.qemu import qmp
 from czone.qemu.cmdline import stats_log_path
 from czone.qemu.machine import Machine
+from czone.service import Service
 from czone.state import StateDB, VmRecord
 
 MiB = hostmem.MiB
@@ -110,3 +111,22 @@ def vm_mem(name: str) -> None:
                            f"{s['backed'] // MiB:>11} {s['plugged'] // MiB:>12}")
     finally:
         vm.close()
+
+
+@click.command("reclaim")
+@click.argument("name")
+@click.option("--czone", type=click.IntRange(min=1, max=2**32 - 1), default=None,
+              help="Reclaim this CZone only.")
+@click.option("--idle-for", type=click.FloatRange(min=0, max=(2**32 - 1) / 1000), default=0.0,
+              show_default=True, help="Without --czone: only CZones that handed out no page "
+              "for this many seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="Seconds to wait for the guest's report.")
+def vm_reclaim(name: str, czone: int | None, idle_for: float, timeout: float) -> None:
+    """The host asks the guest, through its virtio-czone device, to give back free memory."""
+    if czone is not None and idle_for:
+        raise click.UsageError("--czone and --idle-for exclude each other")
+    r = Service().vm_reclaim(name, czone or 0, idle_for, timeout)
+    click.echo(f"{name}: {r['czones']} CZone(s) reclaimed (request {r['seq']}), the guest gave "
+               f"back {r['bytes'] / MiB:.1f} MiB: {r['rss_drop_bytes'] / MiB:.1f} MiB back to "
+               "the host")

@@ -119,9 +119,18 @@ def kill(ctx: click.Context, ctr_id: str) -> None:
     click.echo(f"{ctr_id}: killed; {res.returned_bytes / MiB:.1f} MiB back to the host{detail}")
 
 
+IDLE_FOR = click.FloatRange(min=0, max=(2**32 - 1) / 1000)
+
+
+def _echo_reclaim(vm: str, r: dict[str, int]) -> None:
+    click.echo(f"{vm}: {r['czones']} CZone(s) reclaimed, the guest gave back "
+               f"{r['bytes'] / MiB:.1f} MiB: {r['rss_drop_bytes'] / MiB:.1f} MiB "
+               "back to the host")
+
+
 @click.command("reclaim")
-@click.option("--idle-for", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Only containers idle for at least this many seconds.")
+@click.option("--idle-for", type=IDLE_FOR, default=0.0, show_default=True,
+              help="Only CZones that handed out no page for this many seconds.")
 @click.pass_context
 def reclaim(ctx: click.Context, idle_for: float) -> None:
     """Idle reclaim: free memory of idle containers goes back to the host."""
@@ -129,9 +138,7 @@ def reclaim(ctx: click.Context, idle_for: float) -> None:
     if not out:
         click.echo("no MCPV VM is running")
     for vm, r in out.items():
-        click.echo(f"{vm}: {len(r['containers'])} container(s), {r['discarded_pages']} pages "
-                   f"discarded, {r['released_chunks']} chunks released: "
-                   f"{r['rss_drop_bytes'] / MiB:.1f} MiB back to the host")
+        _echo_reclaim(vm, r)
 
 
 @click.command("stats")

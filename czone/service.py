@@ -540,20 +540,31 @@ class Service:
             if v.fn and status(v) == "running" and (mode is None or v.mode == mode):
                 yield v
 
-    def reclaim(self, idle_for: float = 0.0) -> dict[str, Any]:
-        """Idle reclaim in every MCPV VM: free host-backed pages of containers
-        idle for ``idle_for`` seconds go back to the host."""
+    def vm_reclaim(self, name: str, czone: int = 0, idle_for: float = 0.0,
+                   timeout: float = 60.0) -> dict[str, int]:
+        """Host-initiated reclaim in VM ``name``, through its czone-virtio
+        device and no SSH: CZone ``czone``, or with 0 every CZone that handed
+        out no page for ``idle_for`` seconds.  Returns the guest's report
+        (``seq``, ``czones``, ``bytes``) and the host's ``rss_drop_bytes``."""
+        rec = self.db.running(name)
+        if rec.memory_mode != "czone":
+            raise ServiceError(f"VM {name!r} has no virtio-czone device "
+                               f"(memory mode {rec.memory_mode})")
+        machine = self.machine(rec)
+        try:
+            before = hostmem.stable_mapping_rss(rec.pid, DEVICE_MEMFD)
+            res = qmp.reclaim(machine, DEVICE, timeout, czone, round(idle_for * 1000))
+            after = hostmem.stable_mapping_rss(rec.pid, DEVICE_MEMFD)
+        finally:
+            machine.close()
+        return {**res, "rss_drop_bytes": before - after}
+
+    def reclaim(self, idle_for: float = 0.0) -> dict[str, dict[str, int]]:
+        """Idle reclaim in every MCPV VM: the free memory of CZones that handed
+        out no page for ``idle_for`` seconds goes back to the host."""
         self.reconcile()
-        out = {}
-        for vm in self.running_vms():
-            before = hostmem.stable_mapping_rss(vm.pid, DEVICE_MEMFD)
-            res = self.ask(vm.name, lambda a: a.reclaim(None, idle_for))
-            after = hostmem.stable_mapping_rss(vm.pid, DEVICE_MEMFD)
-            pages = sum(r.get("discarded_pages", 0) for r in res.values())
-            chunks = sum(r.get("released_chunks", 0) for r in res.values())
-            out[vm.name] = {"containers": res, "discarded_pages": pages,
-                            "released_chunks": chunks, "rss_drop_bytes": before - after}
-        return out
+        return {vm.name: self.vm_reclaim(vm.name, idle_for=idle_for)
+                for vm in self.running_vms()}
 
     def stats(self) -> dict[str, Any]:
         """Per VM: host RSS and PSS, the device's plugged size, and the agent's

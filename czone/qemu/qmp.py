@@ -141,3 +141,17 @@ def wait_balloon(vm: Monitor, nbytes: int, timeout: float, poll: float | None = 
 __all__ = ["Monitor", "QmpClient", "QmpCommandError", "QmpTimeout", "QMPError",
            "balloon_actual", "balloon_target", "czone_stats", "device_size", "peripheral",
            "requested_size", "set_requested_size", "wait_balloon", "wait_size"]
+
+
+def reclaim(vm: Monitor, dev_id: str, timeout: float, czone: int = 0,
+            idle_ms: int = 0) -> dict[str, int]:
+    """Ask the guest driver of a czone-virtio device to reclaim CZone ``czone``,
+    or with 0 every CZone that handed out no page for ``idle_ms``, and wait for
+    its report: ``{"seq", "czones", "bytes"}`` (the guest's own numbers)."""
+    path = peripheral(dev_id)
+    vm.qmp("qom-set", path=path, property="reclaim", value={"czone": czone, "idle-ms": idle_ms})
+    # Another QMP client asking at the same moment would take the next number;
+    # the event of an older request is skipped by the seq match.
+    seq = int(vm.qmp("qom-get", path=path, property="reclaim")["seq"])
+    data = vm.wait_event("CZONE_RECLAIMED", timeout, id=dev_id, seq=seq)["data"]
+    return {"seq": seq, "czones": int(data["czones"]), "bytes": int(data["bytes"])}

@@ -95,6 +95,15 @@ async def qmp_checks():
             check(False, "block-size fixed after realize")
         except ExecuteError as e:
             check(True, f"block-size fixed after realize: {e}")
+        # No guest driver here: a reclaim request would never be answered.
+        try:
+            await qmp.execute("qom-set", {"path": path, "property": "reclaim",
+                                          "value": {"czone": 1}})
+            check(False, "reclaim refused without a driver")
+        except ExecuteError as e:
+            check("not ready" in str(e), f"reclaim refused without a driver: {e}")
+        rec = await qmp.execute("qom-get", {"path": path, "property": "reclaim"})
+        check(rec.get("seq", 0) == 0, f"no reclaim request recorded: {rec}")
 
         size = await qmp.execute("qom-get", {"path": path, "property": "size"})
         check(size == 0, f"qom-get size -> {size}")

@@ -69,6 +69,12 @@ def test_qemu_key_follows_the_shared_header(tmp_path) -> None:
     k = artifacts.input_key("qemu", tmp_path)
     patch.write_text(body.format(61))
     assert artifacts.input_key("qemu", tmp_path) != k
-    patch.unlink()
-    with pytest.raises(artifacts.CZoneError, match="creates include/uapi/linux/virtio_czone.h"):
+    # A later patch of the series that changes the header changes it too.
+    (series / "0002-y.patch").write_text(
+        "--- a/include/uapi/linux/virtio_czone.h\n+++ b/include/uapi/linux/virtio_czone.h\n"
+        "@@ -1,2 +1,2 @@\n-#define VIRTIO_ID_CZONE 61\n+#define VIRTIO_ID_CZONE 62\n \n")
+    assert artifacts.shared_header(tmp_path) == "#define VIRTIO_ID_CZONE 62\n\n"
+    for p in series.iterdir():
+        p.unlink()
+    with pytest.raises(artifacts.CZoneError, match="no include/uapi/linux/virtio_czone.h"):
         artifacts.shared_header(tmp_path)

@@ -125,7 +125,8 @@ def test_dry_run_prints_argv(fake_artifacts: dict, isolated_env: Path,
     assert argv[argv.index("-kernel") + 1] == str(fake_artifacts["vmlinux"])
     assert argv[argv.index("-m") + 1].startswith("768M,")
     assert argv[argv.index("-smp") + 1] == "2"
-    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
+    assert "ICH9-LPC.disable_s3=1" in argv
     assert "user,id=n0,hostfwd=tcp:127.0.0.1:2299-:22" in argv
     run_dir = isolated_env / "run" / "vms" / "t1"
     assert f"socket,id=qmp0,path={run_dir}/qmp.sock,server=on,wait=off" in argv

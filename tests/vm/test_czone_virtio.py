@@ -83,6 +83,61 @@ def test_create_touch_destroy_returns_rss(czvm: Machine, agent: GuestAgent) -> N
     assert_dmesg_clean(czvm)
 
 
+def test_destroy_unplugs_contiguous_chunks_in_one_request(czvm: Machine,
+                                                          agent: GuestAgent) -> None:
+    cz = agent.create(128)
+    agent.spawn("c", cz, 128)
+    agent.touch("c", 64)
+    before = state(czvm)
+    agent.kill("c")
+    agent.destroy(cz)
+    after = state(czvm)
+    blocks = int(after["unplugs"]) - int(before["unplugs"])
+    requests = int(after["unplug_requests"]) - int(before["unplug_requests"])
+    # A fresh VM plugs in address order, so the CZone's chunks are one or two runs.
+    assert blocks >= 32 and requests <= 2, f"{blocks} blocks in {requests} requests"
+    assert qmp.wait_size(czvm, DEV, 0, timeout=60) == 0
+
+
+def test_host_reclaims_one_czone_without_ssh(czvm: Machine, agent: GuestAgent) -> None:
+    cz = agent.create(256)
+    agent.spawn("idle", cz, 256, thp=False)
+    agent.touch("idle", 200)
+    pages = agent.verify("idle")
+    assert agent.punch("idle", 64) == 100 * 1024
+    touched = rss(czvm)
+
+    res = qmp.reclaim(czvm, DEV, timeout=60, czone=cz)
+    # The guest's count also holds the chunks it found empty and unplugged.
+    assert res["czones"] == 1 and res["bytes"] >= 99 * MiB, res
+    dropped = touched - rss(czvm)
+    assert 95 * MiB <= dropped <= 105 * MiB, f"RSS fell by {dropped / MiB:.0f} MiB"
+    assert agent.verify("idle") == pages
+
+    again = qmp.reclaim(czvm, DEV, timeout=60, czone=cz)
+    assert again["seq"] == res["seq"] + 1 and again["bytes"] == 0, again
+    # A CZone that does not exist is reclaimed by nobody, and breaks nothing.
+    assert qmp.reclaim(czvm, DEV, timeout=60, czone=999_999)["czones"] == 0
+    assert_dmesg_clean(czvm)
+
+
+def test_host_reclaims_idle_czones_only(czvm: Machine, agent: GuestAgent) -> None:
+    idle, busy = agent.create(128), agent.create(128)
+    agent.spawn("idle", idle, 128, thp=False)
+    agent.touch("idle", 64)
+    assert agent.punch("idle", 64) == 32 * 1024
+    time.sleep(8)
+    agent.spawn("busy", busy, 128, thp=False)
+    agent.touch("busy", 64)
+    assert agent.punch("busy", 64) == 32 * 1024
+
+    res = qmp.reclaim(czvm, DEV, timeout=60, idle_ms=5000)
+    assert res["czones"] == 1 and res["bytes"] >= 31 * MiB, res
+    assert agent.stat(busy)["backed"] > agent.stat(busy)["used"], "the busy CZone was reclaimed"
+    assert agent.stat(idle)["backed"] == agent.stat(idle)["used"]
+    assert_dmesg_clean(czvm)
+
+
 def test_stats_carry_their_age(czvm: Machine, agent: GuestAgent) -> None:
     stats_log = stats_log_path(czvm.run_dir)
     cz = agent.create(64)
