@@ -16,6 +16,7 @@ from czone import accel as accel_mod
 from czone import artifacts
 from czone.cli_mem import vm_mem, vm_reclaim, vm_resize
 from czone.cli_run import COMMANDS
+from czone.cli_trace import trace
 from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient
 from czone.qemu.cmdline import MEMORY_MODES, Accel, build_argv
@@ -67,6 +68,7 @@ vm.add_command(vm_reclaim)
 vm.add_command(vm_mem)
 for command in COMMANDS:
     cli.add_command(command)
+cli.add_command(trace)
 
 
 @vm.command("up")
