@@ -22,7 +22,7 @@ BLOCK_MIB = 2
 SLACK_MIB = 256
 CAP_SLACK_MIB = 4
 SPEEDUP_TARGET = 20.0
-RAW_FACTOR = 2.0
+RAW_FACTOR = 1.3
 COMPLETE_TARGET = 0.99
 
 # case -> row label, in table order
@@ -150,6 +150,7 @@ def rep_ratios(rep: Mapping[str, Sample]) -> dict[str, Any]:
         "czone_vs_raw": cz.latency_s / memfd.latency_s,
         "raw_budget_s": budget,
         "over_raw_budget_s": cz.latency_s - budget,
+        "raw_budget_met": cz.latency_s <= budget,
         "fixed_guest_s": fixed,
         "stat_round_trip_s": cz.extra["stat_round_trip_s"],
         "destroy_in_guest_s": cz.extra["destroy"]["ns"] / 1e9,
@@ -219,7 +220,7 @@ def verdicts(summaries: Mapping[int, Mapping[str, Any]]) -> list[str]:
         r = s["ratios"]
         out.append(f"{size} MiB: speedup vs virtio-mem "
                    f"{'met' if r['speedup_vs_vmem'] >= SPEEDUP_TARGET else 'MISSED'}; "
-                   f"within 2 x raw + fixed guest cost "
-                   f"{'met' if r['over_raw_budget_s'] <= 0 else 'MISSED'}; "
+                   f"within {RAW_FACTOR:g} x raw + fixed guest cost in every repetition "
+                   f"{'met' if r['raw_budget_met'] else 'MISSED'}; "
                    f"completeness {'met' if r['completeness'] >= COMPLETE_TARGET else 'MISSED'}")
     return out
