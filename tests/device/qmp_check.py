@@ -24,8 +24,12 @@ BASE = ["-M", "q35", "-nodefaults", "-L", "/usr/share/qemu",
 
 def bad_cmdline(extra, expect, what):
     """QEMU must refuse to start, with @expect in its message."""
-    p = subprocess.run([QEMU] + BASE + ["-S"] + extra, capture_output=True,
-                       text=True, timeout=60)
+    try:
+        p = subprocess.run([QEMU] + BASE + ["-S"] + extra, capture_output=True,
+                           text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        check(False, f"{what}: QEMU started (still running after 30 s)")
+        return
     msg = p.stderr.strip().splitlines()
     msg = msg[-1] if msg else ""
     check(p.returncode != 0 and expect in msg,
@@ -127,10 +131,8 @@ async def qmp_checks():
         except ExecuteError as e:
             check("virtio-czone" in str(e), f"migration blocked: {e}")
 
-        await qmp.execute("system_reset")
-        await asyncio.sleep(0.5)
-        size = await qmp.execute("qom-get", {"path": path, "property": "size"})
-        check(size == 0, "size 0 after system_reset")
+        # (system_reset's unplug-all is checked by vq_poke.py and vq_harden.py,
+        # after plugging: here nothing was plugged, so size 0 proves nothing.)
         hmp = await qmp.execute("human-monitor-command",
                                 {"command-line": "info memory-devices"})
         check("virtio-czone" in hmp, "HMP info memory-devices:\n" + hmp)
@@ -261,6 +263,22 @@ bad_cmdline(MEMFD + ["-device", "virtio-czone-pci,memdev=cz0,node=1"],
             "numa", "node out of range")
 bad_cmdline(MEMFD + ["-device", "virtio-czone-pci,memdev=cz0,memaddr=0x1000"],
             "aligned", "misaligned memaddr")
+bad_cmdline(["-object", "memory-backend-memfd,id=cz0,size=64M,prealloc=on",
+             "-device", "virtio-czone-pci,memdev=cz0"],
+            "preallocation enabled", "memdev with prealloc=on")
+# A private file mapping is refused, and the file keeps its contents
+# (realize used to punch holes into it).
+shm = tempfile.mkdtemp(dir="/dev/shm")
+private = os.path.join(shm, "private")
+content = (b"czone-file-content-" * (4 * MiB // 19 + 1))[:4 * MiB]
+with open(private, "wb") as f:
+    f.write(content)
+bad_cmdline(["-object", f"memory-backend-file,id=cz0,size=4M,mem-path={private},"
+             "share=off", "-device", "virtio-czone-pci,memdev=cz0"],
+            "private file mapping", "memory-backend-file share=off")
+with open(private, "rb") as f:
+    check(f.read() == content, "the private file's contents are intact")
+subprocess.run(["rm", "-rf", shm])
 bad_cmdline(MEMFD + ["-only-migratable",
                      "-device", "virtio-czone-pci,memdev=cz0"],
             "migration", "-only-migratable")

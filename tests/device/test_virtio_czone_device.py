@@ -2,7 +2,9 @@
 
 ``qmp_check.py`` covers properties, QMP and bad ``-device`` options;
 ``vq_poke.py`` plays the guest driver over QEMU's qtest protocol and sends
-real requests, including every malformed one.  Each prints PASS/FAIL lines.
+real requests, including every malformed one; ``vq_harden.py`` checks S3,
+backends, prealloc, discards disabled and a stats storm.  Each prints PASS/FAIL
+lines.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from czone import artifacts as art
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("script", ["qmp_check.py", "vq_poke.py"])
+@pytest.mark.parametrize("script", ["qmp_check.py", "vq_poke.py", "vq_harden.py"])
 def test_device_script(script: str) -> None:
     try:
         qemu = art.qemu_binary()
