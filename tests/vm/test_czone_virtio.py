@@ -138,6 +138,22 @@ def test_host_reclaims_idle_czones_only(czvm: Machine, agent: GuestAgent) -> Non
     assert_dmesg_clean(czvm)
 
 
+def test_a_guest_asking_to_suspend_keeps_running(czvm: Machine, agent: GuestAgent) -> None:
+    cz = agent.create(128)
+    agent.spawn("c", cz, 128, thp=False)
+    agent.touch("c", 64)
+    pages = agent.verify("c")
+    with czvm.ssh() as ssh:
+        # S3 is not offered (argv), so "mem" is suspend-to-idle; the driver refuses it.
+        r = ssh.run("echo mem > /sys/power/state", timeout=120)
+        assert r.rc != 0 and "not permitted" in r.stderr, r
+        assert "not supported" in ssh.check("dmesg | grep virtio_czone").stdout
+    assert czvm.is_running()
+    assert agent.verify("c") == pages
+    assert qmp.device_size(czvm, DEV) >= 64 * MiB
+    assert_dmesg_clean(czvm)
+
+
 def test_stats_carry_their_age(czvm: Machine, agent: GuestAgent) -> None:
     stats_log = stats_log_path(czvm.run_dir)
     cz = agent.create(64)
