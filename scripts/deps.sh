@@ -14,6 +14,8 @@ PKGS=(
 	seabios ipxe-qemu qemu-system-data
 	# guest image
 	debootstrap squashfs-tools dropbear-bin busybox-static openssh-client
+	# device tests (vq_harden.py disables RAM discards the way vfio does)
+	gdb
 	# static in-guest tools
 	libc6-dev libcap-dev
 )

@@ -151,10 +151,11 @@ class VirtioCZone:
         qt.w(8, c + 20, 1 | 2 | 8 | 4)
 
     def cfg(self):
-        raw = self.qt.memread(self.devcfg, 56)
+        raw = self.qt.memread(self.devcfg, 80)
         k = ("block_size", "node_id", "addr", "region_size",
-             "usable_region_size", "plugged_size", "requested_size")
-        return dict(zip(k, struct.unpack("<QH6xQQQQQ", raw), strict=True))
+             "usable_region_size", "plugged_size", "requested_size",
+             "reclaim_seq", "reclaim_czone", "reclaim_idle_ms", "discard_alignment")
+        return dict(zip(k, struct.unpack("<QH6xQQQQQQIIQ", raw), strict=True))
 
     def kick(self, q, descs):
         """descs: list of (addr, len, device_writable). Returns used len or

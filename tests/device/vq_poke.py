@@ -163,6 +163,7 @@ async def run(proc, qsock, msock):
     expect("PLUG one more block", dev.req(REQ_PLUG, base + 64 * MiB, bs), NACK)
     check(await qget("size") == 64 * MiB, "size 64M")
     check(dev.cfg()["plugged_size"] == 64 * MiB, "config plugged_size 64M")
+    check(dev.cfg()["discard_alignment"] == 4096, "config discard_alignment 4K")
     evs = await events()
     check(evs == [64 * MiB], f"MEMORY_DEVICE_SIZE_CHANGE 64M: {evs}")
     md = (await qmp.execute("query-memory-devices"))[0]["data"]
@@ -212,6 +213,8 @@ async def run(proc, qsock, msock):
     expect("DISCARD outside region", dev.req(REQ_DISCARD, base - 4 * KiB,
                                             4 * KiB), ERROR)
     expect("unknown request type 9", dev.req(9, base, bs), ERROR)
+    # RECLAIM_DONE (5) for a reclaim the host never asked for
+    expect("RECLAIM_DONE of seq 1 without a request", dev.req(5, 1, 0), ERROR)
     expect("UNPLUG_ALL with size", dev.req(REQ_UNPLUG_ALL, 0, bs), ERROR)
 
     # ---- requested-size change raises a config interrupt (ISR bit 1)
