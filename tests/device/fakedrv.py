@@ -84,8 +84,9 @@ class Pci:
 
 
 class VirtioCZone:
-    def __init__(self, qt, rings=None):
+    def __init__(self, qt, rings=None, qsize=QSIZE):
         self.qt = qt
+        self.qsize = qsize
         self.rings = rings or RING
         for devfn in range(256):
             p = Pci(qt, devfn)
@@ -139,10 +140,10 @@ class VirtioCZone:
             base = self.rings[q]
             qt.memset(base, 0x10000, 0)
             qt.w(16, c + 22, q)
-            qt.w(16, c + 24, QSIZE)
+            qt.w(16, c + 24, self.qsize)
             self.notify_addr.append(self.notify +
                                     qt.r(16, c + 30) * self.notify_mult)
-            desc, avail, used = base, base + 16 * QSIZE, base + 0x1000
+            desc, avail, used = base, base + 16 * self.qsize, base + 0x1000
             for off, addr in ((32, desc), (40, avail), (48, used)):
                 qt.w(32, c + off, addr & 0xFFFFFFFF)
                 qt.w(32, c + off + 4, addr >> 32)
@@ -165,15 +166,15 @@ class VirtioCZone:
             flags = (1 if i + 1 < len(descs) else 0) | (2 if wr else 0)
             qt.memwrite(base + 16 * i,
                         struct.pack("<QIHH", addr, ln, flags, i + 1))
-        avail = base + 16 * QSIZE
-        qt.w(16, avail + 4 + 2 * (self.avail_idx[q] % QSIZE), 0)
+        avail = base + 16 * self.qsize
+        qt.w(16, avail + 4 + 2 * (self.avail_idx[q] % self.qsize), 0)
         self.avail_idx[q] += 1
         qt.w(16, avail + 2, self.avail_idx[q] & 0xFFFF)
         self.qt.w(16, self.notify_addr[q], q)
         used = base + 0x1000
         for _ in range(50):
             if qt.r(16, used + 2) != (self.used_idx[q] & 0xFFFF):
-                e = used + 4 + 8 * (self.used_idx[q] % QSIZE)
+                e = used + 4 + 8 * (self.used_idx[q] % self.qsize)
                 self.used_idx[q] += 1
                 return qt.r(32, e + 4)
             time.sleep(0.01)
