@@ -122,7 +122,10 @@ def kill(ctx: click.Context, ctr_id: str) -> None:
 IDLE_FOR = click.FloatRange(min=0, max=(2**32 - 1) / 1000)
 
 
-def _echo_reclaim(vm: str, r: dict[str, int]) -> None:
+def _echo_reclaim(vm: str, r: dict[str, Any]) -> None:
+    if "error" in r:
+        click.echo(f"{vm}: not reclaimed: {r['error']}")
+        return
     click.echo(f"{vm}: {r['czones']} CZone(s) reclaimed, the guest gave back "
                f"{r['bytes'] / MiB:.1f} MiB: {r['rss_drop_bytes'] / MiB:.1f} MiB "
                "back to the host")

@@ -147,11 +147,19 @@ def reclaim(vm: Monitor, dev_id: str, timeout: float, czone: int = 0,
             idle_ms: int = 0) -> dict[str, int]:
     """Ask the guest driver of a czone-virtio device to reclaim CZone ``czone``,
     or with 0 every CZone that handed out no page for ``idle_ms``, and wait for
-    its report: ``{"seq", "czones", "bytes"}`` (the guest's own numbers)."""
+    its report: ``{"seq", "czones", "bytes"}`` (the guest's own numbers).
+
+    The config space holds one request, so a request replaced before the
+    guest read it is answered by the report of the one that replaced it; and
+    the seq read back may already be another client's.  Either way the first
+    report with a seq at least ours covers our request."""
     path = peripheral(dev_id)
     vm.qmp("qom-set", path=path, property="reclaim", value={"czone": czone, "idle-ms": idle_ms})
-    # Another QMP client asking at the same moment would take the next number;
-    # the event of an older request is skipped by the seq match.
     seq = int(vm.qmp("qom-get", path=path, property="reclaim")["seq"])
-    data = vm.wait_event("CZONE_RECLAIMED", timeout, id=dev_id, seq=seq)["data"]
-    return {"seq": seq, "czones": int(data["czones"]), "bytes": int(data["bytes"])}
+    deadline = time.monotonic() + timeout
+    while True:
+        data = vm.wait_event("CZONE_RECLAIMED", max(0.0, deadline - time.monotonic()),
+                             id=dev_id)["data"]
+        if int(data["seq"]) >= seq:
+            return {"seq": int(data["seq"]), "czones": int(data["czones"]),
+                    "bytes": int(data["bytes"])}

@@ -119,7 +119,7 @@ class VirtioCZone:
     def status(self):
         return self.qt.r(8, self.common + 20)
 
-    def init(self, want_stats=True):
+    def init(self, want_stats=True, host_reclaim=False):
         qt, c = self.qt, self.common
         qt.w(8, c + 20, 0)
         qt.w(8, c + 20, 1 | 2)
@@ -129,7 +129,7 @@ class VirtioCZone:
         f1 = qt.r(32, c + 4)
         self.host_features = f0 | (f1 << 32)
         qt.w(32, c + 8, 0)
-        qt.w(32, c + 12, f0 & (1 if want_stats else 0))
+        qt.w(32, c + 12, f0 & ((1 if want_stats else 0) | (2 if host_reclaim else 0)))
         qt.w(32, c + 8, 1)
         qt.w(32, c + 12, 1)      # VIRTIO_F_VERSION_1
         qt.w(8, c + 20, 1 | 2 | 8)

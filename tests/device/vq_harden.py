@@ -487,13 +487,60 @@ async def batch_checks():
           f"snapshots, one per batch of 16 (the main loop ran between batches)")
     st = await m.qget("stats")
     check([s["czone"] for s in st] == [n - 1], f"batch: the newest snapshot wins ({st})")
+    # The request queue is bounded the same way: 64 requests, one kick,
+    # all answered (16 by the handler, the rest by its bottom half).
+    ring, reqs = dev.rings[0], STATS_BUF + 0x10000
+    avail, used = ring + 16 * dev.qsize, ring + 0x1000
+    for i in range(n):
+        buf = reqs + 64 * i
+        qt.memwrite(buf, struct.pack("<H6xQQI4x", REQ_STATE, m_base(dev), 2 * MiB, 0))
+        qt.memwrite(ring + 32 * i, struct.pack("<QIHH", buf, 32, 1, 2 * i + 1)
+                    + struct.pack("<QIHH", buf + 32, 16, 2, 0))
+        qt.w(16, avail + 4 + 2 * i, 2 * i)
+    qt.w(16, avail + 2, n)
+    qt.w(16, dev.notify_addr[0], 0)
+    for _ in range(100):
+        if qt.r(16, used + 2) == n:
+            break
+        await asyncio.sleep(0.05)
+    answers = [struct.unpack("<H", qt.memread(reqs + 64 * i + 32, 2))[0] for i in range(n)]
+    check(qt.r(16, used + 2) == n and answers == [ACK] * n,
+          f"batch: {n} requests after one kick all answered ({qt.r(16, used + 2)})")
     check(not dev.status() & 0x40, "batch: device not broken")
     await m.stop()
 
 
+async def reclaim_checks():
+    """The host's reclaim request reaches the config space; the guest's
+    report becomes one CZONE_RECLAIMED event per request, never replayed."""
+    m = Machine(",requested-size=64M")
+    await m.start_qmp_qtest()
+    dev = m.dev = VirtioCZone(m.qt)
+    dev.init(host_reclaim=True)
+    await m.qmp.execute("qom-set", {"path": PATH, "property": "reclaim",
+                                    "value": {"idle-ms": 5000}})
+    cfg = dev.cfg()
+    check((cfg["reclaim_seq"], cfg["reclaim_czone"], cfg["reclaim_idle_ms"]) == (1, 0, 5000),
+          f"reclaim: the request is in the config space ({cfg})")
+    check(dev.req(5, 2, 0)[0] == ERROR, "reclaim: a report for a request never made: ERROR")
+    r = dev.req(5, 1, 3 * MiB, czone=2)
+    check(r[0] == ACK, "reclaim: the report of request 1: ACK")
+    ev = await asyncio.wait_for(m.qmp.events.get(), 5)
+    while ev["event"] != "CZONE_RECLAIMED":
+        ev = await asyncio.wait_for(m.qmp.events.get(), 5)
+    check(ev["data"]["seq"] == 1 and ev["data"]["bytes"] == 3 * MiB
+          and ev["data"]["czones"] == 2 and ev["data"]["id"] == "czdev0", f"reclaim: CZONE_RECLAIMED {ev['data']}")
+    check(dev.req(5, 1, 3 * MiB)[0] == ERROR, "reclaim: the same report again: ERROR")
+    await m.stop()
+
+
+def m_base(dev):
+    return dev.cfg()["addr"]
+
+
 ONLY = os.environ.get("VQ_ONLY")     # e.g. VQ_ONLY=storm: run one group
 for group in (s3_checks, prealloc_checks, hugetlb_checks, rdm_checks,
-              discard_disabled_checks, batch_checks, storm_checks):
+              discard_disabled_checks, batch_checks, reclaim_checks, storm_checks):
     if not ONLY or group.__name__.startswith(ONLY):
         asyncio.run(group())
 finish()
