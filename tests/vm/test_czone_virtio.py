@@ -99,6 +99,34 @@ def test_destroy_unplugs_contiguous_chunks_in_one_request(czvm: Machine,
     assert qmp.wait_size(czvm, DEV, 0, timeout=60) == 0
 
 
+def test_destroy_of_an_interleaved_czone_returns_it_all(czvm: Machine,
+                                                       agent: GuestAgent) -> None:
+    """Two CZones grown in turn interleave their blocks: the dead one's many
+    runs go to the device together, and all of it comes back."""
+    names = []
+    for name in ("dead", "live"):
+        cz = agent.create(96)
+        agent.spawn(name, cz, 96, thp=False)
+        names.append((name, cz))
+    before = rss(czvm)
+    agent.interleave([n for n, _ in names], 64, 64)
+    live_pages = agent.verify("live")
+    touched = rss(czvm) - before
+    st0 = state(czvm)
+    agent.kill("dead")
+    res = agent.destroy(names[0][1])
+    st1 = state(czvm)
+    blocks = int(st1["unplugs"]) - int(st0["unplugs"])
+    runs = int(st1["unplug_requests"]) - int(st0["unplug_requests"])
+    assert res["migrated"] == 0 and res["failed"] == 0
+    assert blocks >= 32 and runs >= 16, f"{blocks} blocks in {runs} runs: not interleaved"
+    returned = before + touched - rss(czvm)
+    assert 60 * MiB <= returned <= 68 * MiB, f"{returned / MiB:.1f} MiB came back"
+    assert agent.verify("live") == live_pages
+    assert st1["failures"] == st0["failures"]
+    assert_dmesg_clean(czvm)
+
+
 def test_host_reclaims_one_czone_without_ssh(czvm: Machine, agent: GuestAgent) -> None:
     cz = agent.create(256)
     agent.spawn("idle", cz, 256, thp=False)
