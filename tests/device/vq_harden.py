@@ -457,6 +457,19 @@ async def storm_checks():
     await m.stop()
 
 
+async def publish_and_kick(dev, q, n):
+    """Make the first ``n`` ring entries of queue ``q`` available at once, kick
+    once, and return how many buffers the device has returned within 5 s."""
+    qt, ring = dev.qt, dev.rings[q]
+    qt.w(16, ring + 16 * dev.qsize + 2, n)
+    qt.w(16, dev.notify_addr[q], q)
+    for _ in range(100):
+        if qt.r(16, ring + 0x1000 + 2) == n:
+            break
+        await asyncio.sleep(0.05)
+    return qt.r(16, ring + 0x1000 + 2)
+
+
 async def batch_checks():
     """A queue full of stats buffers is handled 16 at a time, the rest from
     a bottom half: the main loop runs between batches.  Seen from outside,
@@ -468,20 +481,14 @@ async def batch_checks():
     dev = m.dev = VirtioCZone(qt, qsize=128)
     dev.init()
     ring = dev.rings[1]
-    avail, used = ring + 16 * dev.qsize, ring + 0x1000
+    avail = ring + 16 * dev.qsize
     for i in range(n):
         buf = STATS_BUF + 64 * i
         qt.memwrite(buf, struct.pack("<II", 1, 0) + struct.pack("<I4xQQQQ", i, i, 0, 0, 0))
         qt.memwrite(ring + 16 * i, struct.pack("<QIHH", buf, 48, 0, 0))
         qt.w(16, avail + 4 + 2 * i, i)
     gen0 = await m.qget("stats-generation")
-    qt.w(16, avail + 2, n)
-    qt.w(16, dev.notify_addr[1], 1)
-    for _ in range(100):
-        if qt.r(16, used + 2) == n:
-            break
-        await asyncio.sleep(0.05)
-    check(qt.r(16, used + 2) == n, f"batch: all {n} buffers returned")
+    check(await publish_and_kick(dev, 1, n) == n, f"batch: all {n} buffers returned")
     snapshots = await m.qget("stats-generation") - gen0
     check(snapshots == n // 16, f"batch: {n} buffers after one kick make {snapshots} "
           f"snapshots, one per batch of 16 (the main loop ran between batches)")
@@ -490,22 +497,17 @@ async def batch_checks():
     # The request queue is bounded the same way: 64 requests, one kick,
     # all answered (16 by the handler, the rest by its bottom half).
     ring, reqs = dev.rings[0], STATS_BUF + 0x10000
-    avail, used = ring + 16 * dev.qsize, ring + 0x1000
+    avail = ring + 16 * dev.qsize
     for i in range(n):
         buf = reqs + 64 * i
         qt.memwrite(buf, struct.pack("<H6xQQI4x", REQ_STATE, m_base(dev), 2 * MiB, 0))
         qt.memwrite(ring + 32 * i, struct.pack("<QIHH", buf, 32, 1, 2 * i + 1)
                     + struct.pack("<QIHH", buf + 32, 16, 2, 0))
         qt.w(16, avail + 4 + 2 * i, 2 * i)
-    qt.w(16, avail + 2, n)
-    qt.w(16, dev.notify_addr[0], 0)
-    for _ in range(100):
-        if qt.r(16, used + 2) == n:
-            break
-        await asyncio.sleep(0.05)
+    returned = await publish_and_kick(dev, 0, n)
     answers = [struct.unpack("<H", qt.memread(reqs + 64 * i + 32, 2))[0] for i in range(n)]
-    check(qt.r(16, used + 2) == n and answers == [ACK] * n,
-          f"batch: {n} requests after one kick all answered ({qt.r(16, used + 2)})")
+    check(returned == n and answers == [ACK] * n,
+          f"batch: {n} requests after one kick all answered ({returned})")
     check(not dev.status() & 0x40, "batch: device not broken")
     await m.stop()
 
@@ -529,7 +531,8 @@ async def reclaim_checks():
     while ev["event"] != "CZONE_RECLAIMED":
         ev = await asyncio.wait_for(m.qmp.events.get(), 5)
     check(ev["data"]["seq"] == 1 and ev["data"]["bytes"] == 3 * MiB
-          and ev["data"]["czones"] == 2 and ev["data"]["id"] == "czdev0", f"reclaim: CZONE_RECLAIMED {ev['data']}")
+          and ev["data"]["czones"] == 2 and ev["data"]["id"] == "czdev0",
+          f"reclaim: CZONE_RECLAIMED {ev['data']}")
     check(dev.req(5, 1, 3 * MiB)[0] == ERROR, "reclaim: the same report again: ERROR")
     await m.stop()
 
