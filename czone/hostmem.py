@@ -99,7 +99,9 @@ class RssWatch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.monotonic(), rss_bytes(self.pid)))
+            value = rss_bytes(self.pid)
+            # stamped after the read: a sample stamped before t0 was read before t0
+            self.samples.append((time.monotonic(), value))
             time.sleep(self.interval)
 
     def __enter__(self) -> RssWatch:
@@ -118,7 +120,11 @@ class RssWatch:
                tolerance=self.tolerance)
         self._stop.set()
         self._thread.join()
-        return (self.before, *settled_after(self.samples, t0, quiet, self.tolerance))
+        # RSS at t0 is the last value seen before it: a change that ends before the
+        # sampler's next tick still counts up to that tick, not as instantaneous
+        at_t0 = [v for t, v in self.samples if t < t0][-1:] or [self.before]
+        samples = sorted([*self.samples, (t0, at_t0[0])])
+        return (self.before, *settled_after(samples, t0, quiet, self.tolerance))
 
 
 def settled_after(samples: list[tuple[float, int]], t0: float, quiet: float,

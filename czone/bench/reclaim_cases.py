@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from czone.bench import reclaim_raw as raw
 from czone.bench.guestvm import booted
 from czone.bench.reclaim_model import (
     BLOCK_MIB,
@@ -106,8 +107,13 @@ def fixed_costs(agent: GuestAgent, live: int) -> dict[str, float]:
 
 # -- the cases -------------------------------------------------------------
 
-def czone_destroy(size_mib: int) -> tuple[Sample, str]:
-    """Case 1: the dying container's CZone is destroyed; its chunks are unplugged."""
+def czone_destroy(size_mib: int) -> tuple[Sample, dict[str, Sample], str]:
+    """Case 1: the dying container's CZone is destroyed; its chunks are unplugged.
+
+    Case 5's raw discards run beside it, while this VM is up and idle: the
+    same machine load.  The punch in 2 MiB holes (the dying CZone's blocks
+    are scattered among its neighbours', so QEMU punches one hole per block)
+    runs just before and just after the destroy, bracketing it."""
     dev = device_mib(size_mib)
     with booted("rcl-cz", BASE_MIB, memory_mode="czone", device_memory_mib=dev,
                 requested_mib=dev) as (vm, accel), agent_in(vm) as agent:
@@ -116,11 +122,15 @@ def czone_destroy(size_mib: int) -> tuple[Sample, str]:
         agent.kill(DYING)
         stat = agent.stat(ids[0])
         fixed = fixed_costs(agent, ids[1])
+        beside = {"memfd": raw.memfd_punch(size_mib),
+                  "memfd_2m": raw.memfd_punch(size_mib, BLOCK_MIB)}
         answer: dict[str, int] = {}
         sample = measure(vm.pid, resident, lambda: answer.update(agent.destroy(ids[0])))
+        beside["memfd_2m_after"] = raw.memfd_punch(size_mib, BLOCK_MIB)
+        beside["anon"] = raw.anon_dontneed(size_mib)
         sample.extra |= {**fixed, "destroy": answer, "stat_before": stat,
                          "verified_pages": verify_neighbours(agent, size_mib)}
-    return sample, accel
+    return sample, beside, accel
 
 
 def virtio_mem(size_mib: int) -> tuple[Sample, Sample]:
