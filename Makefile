@@ -36,7 +36,7 @@ test-vm: all
 	$(VENV)/bin/pytest -ra -m vm tests/vm $(PYTEST_ARGS)
 
 bench: all
-	$(PY) -m czone.bench $(BENCH)
+	$(PY) -m czone.bench $(if $(QUICK),--quick) $(BENCH)
 
 lint: deps
 	$(VENV)/bin/ruff check czone tests

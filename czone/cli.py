@@ -15,6 +15,7 @@ import click
 from czone import accel as accel_mod
 from czone import artifacts
 from czone.cli_mem import vm_mem, vm_reclaim, vm_resize
+from czone.cli_replay import replay
 from czone.cli_run import COMMANDS
 from czone.cli_trace import trace
 from czone.errors import CZoneError
@@ -69,6 +70,7 @@ vm.add_command(vm_mem)
 for command in COMMANDS:
     cli.add_command(command)
 cli.add_command(trace)
+cli.add_command(replay)
 
 
 @vm.command("up")

@@ -118,8 +118,10 @@ def _new_id(prefix: str) -> str:
 class Service:
     def __init__(self, db: StateDB | None = None, qemu: str | os.PathLike | None = None,
                  progress: Progress | None = None, cpus: int = 1,
-                 tb_size_mib: int | None = None):
+                 tb_size_mib: int | None = None, templates: Path | None = None):
         self.db = db or StateDB()
+        # keyed by build and VM shape, so run roots may share them
+        self.templates = templates or self.db.root / "templates"
         self._qemu_override = qemu
         self.progress: Progress = progress or (lambda _msg: None)
         self.cpus = cpus
@@ -390,7 +392,7 @@ class Service:
     def template(self, spec: VmSpec, fn: str, memory_mib: int, warm: bool) -> template.Template:
         """The template for VMs shaped like ``spec``, built once (under a lock)."""
         key = template.template_key(spec, fn, memory_mib, warm)
-        tpl = template.Template(self.db.root / "templates" / key, warm)
+        tpl = template.Template(self.templates / key, warm)
         if tpl.ready():
             return tpl
         tpl.dir.parent.mkdir(parents=True, exist_ok=True)
@@ -400,7 +402,7 @@ class Service:
                 self.progress(f"building the {'snapshot' if warm else 'template'} of {fn} "
                               f"(once per build and VM shape)")
                 name = f"tpl-{key}"
-                tspec = replace(spec, name=name, run_dir=self.db.root / "tpl-run" / key,
+                tspec = replace(spec, name=name, run_dir=self.templates.parent / "tpl-run" / key,
                                 ssh_port=free_port())
                 # A build cut short (czonectl killed) left its QEMU behind.
                 kill_strays(tspec.run_dir)

@@ -57,7 +57,7 @@ fi
 # Reinstall only when the package metadata changed.
 want=$(sha256sum "$here/pyproject.toml" | cut -c1-16)
 if [ "$(cat "$venv/.czone-installed" 2>/dev/null)" != "$want" ]; then
-	"$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev]"
+	"$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev,bench]"
 	echo "$want" > "$venv/.czone-installed"
 	echo "deps: Python package installed in $venv"
 else

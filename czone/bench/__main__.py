@@ -1,30 +1,76 @@
-"""``python -m czone.bench [SCENARIO ...]``: run benchmarks, print tables, save JSON."""
+"""``python -m czone.bench [--quick] [--results DIR] [SCENARIO ...]``: run
+benchmarks, print tables, save JSON; then write DIR's plots and REPORT.md
+from every scenario's latest JSON there."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
-from czone.bench import boot, kernel, reclaim, report, startup
+from czone.bench import boot, kernel, reclaim, replay, report, results, startup
 from czone.errors import CZoneError
 
 SCENARIOS = {"boot": boot.run, "kernel": kernel.run_all, "reclaim": reclaim.run,
-             "startup": startup.run_startup, "footprint": startup.run_footprint}
+             "startup": startup.run_startup, "footprint": startup.run_footprint,
+             "replay": replay.run}
+# --quick: the CI smoke test, minutes not hours; it checks that every step
+# runs and writes its report, never a speed.
+QUICK = {
+    "startup": lambda: startup.run_startup(k_max=2),
+    "footprint": lambda: startup.run_footprint(ns=(1, 2)),
+    "reclaim": lambda: reclaim.run(env={"CZONE_RECLAIM_SIZES": "64", "CZONE_RECLAIM_REPS": "1"}),
+    "replay": lambda: replay.run(replay.QUICK),
+}
+REPORTED = ("startup", "footprint", "reclaim", "replay")
 
 
 def main(argv: list[str]) -> int:
-    names = argv or list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
+    ap = argparse.ArgumentParser(prog="python -m czone.bench")
+    ap.add_argument("--quick", action="store_true", help="the CI smoke variant")
+    ap.add_argument("--results", type=Path, default=Path("results"),
+                    help="where the JSON, the plots and REPORT.md go (default: results/)")
+    ap.add_argument("scenarios", nargs="*", metavar="SCENARIO")
+    args = ap.parse_args(argv)
+    table = QUICK if args.quick else SCENARIOS
+    names = args.scenarios or list(table)
+    unknown = [n for n in names if n not in table]
     if unknown:
-        print(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}", file=sys.stderr)
+        print(f"unknown scenario(s) {unknown}; known{' with --quick' if args.quick else ''}: "
+              f"{list(table)}", file=sys.stderr)
         return 2
+    command = "make bench" + (" QUICK=1" if args.quick else "") + \
+        (f" BENCH='{' '.join(args.scenarios)}'" if args.scenarios else "")
+    rc = 0
     for name in names:
         try:
-            result = SCENARIOS[name]()
+            result = table[name]()
         except (CZoneError, ValueError) as e:
             print(f"bench {name}: error: {e}", file=sys.stderr)
-            return 1
-        print(f"saved {report.save(name, result)}\n")
-    return 0
+            rc = 1
+            continue
+        result["provenance"] = results.provenance(result.get("accel"), command)
+        print(f"saved {report.save(name, result)} and "
+              f"{results.save_json(args.results, name, result)}\n")
+    write_report(args.results)
+    return rc
+
+
+def write_report(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    got: dict[str, Any] = {}
+    for name in REPORTED:
+        path = out / f"{name}.json"
+        if path.exists():
+            got[name] = json.loads(path.read_text())
+    prov = next((r["provenance"] for r in got.values() if "provenance" in r),
+                results.provenance(None, "make bench"))
+    pngs = results.plots(out, got)
+    path = results.report(out, got, prov, pngs)
+    print(f"wrote {path} and {len(pngs)} plot(s)")
+    return path
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def _service(root: Path) -> Service:
     if accel.exists():
         root.mkdir(parents=True, exist_ok=True)
         (root / "accel.json").write_bytes(accel.read_bytes())
-    return Service(db=StateDB(root), tb_size_mib=TB_SIZE_MIB)
+    return Service(db=StateDB(root), tb_size_mib=TB_SIZE_MIB,
+                   templates=artifacts.cache_dir() / "bench" / "templates")
 
 
 def _teardown(svc: Service) -> None:

@@ -20,8 +20,11 @@ def test_median_and_table():
     assert "| x | 1.23 |" in text and "| y | 2 |" in text
 
 
-def test_bad_bench_settings_are_one_line(monkeypatch, capsys):
+def test_bad_bench_settings_are_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("CZONE_RECLAIM_SIZES", "lots")
-    assert bench_main.main(["reclaim"]) == 1
+    assert bench_main.main(["--results", str(tmp_path), "reclaim"]) == 1
     assert capsys.readouterr().err == (
         "bench reclaim: error: CZONE_RECLAIM_SIZES='lots': want MiB like 64,256,1024\n")
+    # the report still says what ran: nothing
+    assert "Scenarios not run: startup, footprint, reclaim, replay." in \
+        (tmp_path / "REPORT.md").read_text()
