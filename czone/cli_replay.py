@@ -16,7 +16,7 @@ from czone.service import Service
 
 @click.command("replay")
 @click.argument("trace_path", metavar="TRACE", type=click.Path(exists=True, path_type=Path))
-@click.option("--mode", type=click.Choice(rp.ALL_MODES), default="mcpv-czone",
+@click.option("--mode", type=click.Choice(tuple(rp.MODES)), default="mcpv-czone",
               show_default=True)
 @click.option("--functions", "n", type=click.IntRange(min=1), default=20, show_default=True,
               help="Trace functions to sample.")

@@ -6,6 +6,8 @@ MCPV (one VM per function, many containers in it):
   2. otherwise a VM of the function grows: its requested size goes up, in
      whole device blocks, within the device's maximum;
   3. otherwise a new VM boots.
+The MCPV baselines (``mcpv-virtio-mem``, ``mcpv-balloon``) place the same
+way; their VMs grow and shrink by virtio-mem or the balloon instead.
 SCPV (the baselines): every container gets a VM of its own.
 
 Memory is counted by the containers' caps, not their current use: a cap is
@@ -20,8 +22,10 @@ from typing import Literal
 
 from czone.errors import CZoneError
 
-Mode = Literal["mcpv", "scpv-template", "scpv-snapshot"]
-MODES: tuple[Mode, ...] = ("mcpv", "scpv-template", "scpv-snapshot")
+Mode = Literal["mcpv", "mcpv-virtio-mem", "mcpv-balloon", "scpv-template", "scpv-snapshot"]
+MODES: tuple[Mode, ...] = ("mcpv", "mcpv-virtio-mem", "mcpv-balloon", "scpv-template",
+                           "scpv-snapshot")
+MCPV_MODES: tuple[Mode, ...] = ("mcpv", "mcpv-virtio-mem", "mcpv-balloon")
 
 
 class NoFit(CZoneError):
@@ -58,9 +62,9 @@ def place(fn: str, memory_mib: int, mode: Mode, vms: Iterable[VmView], max_mib: 
         raise NoFit(f"memory must be positive, not {memory_mib} MiB")
     if memory_mib > max_mib:
         raise NoFit(f"{memory_mib} MiB is more than a VM can hold ({max_mib} MiB)")
-    if mode != "mcpv":
+    if mode not in MCPV_MODES:
         return Decision("boot", requested_mib=round_up(memory_mib, block_mib))
-    mine = sorted((v for v in vms if v.usable and v.fn == fn and v.mode == "mcpv"),
+    mine = sorted((v for v in vms if v.usable and v.fn == fn and v.mode == mode),
                   key=lambda v: v.name)
     for vm in mine:
         if vm.placed_mib + memory_mib <= vm.requested_mib:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from czone.errors import CZoneError
+from czone.placement import MCPV_MODES
 from czone.qemu.machine import kill_strays
 from czone.state import CtrRecord, VmRecord, ctrs_in, live_process, status, vms_in
 from czone.template import guest_id
@@ -69,7 +70,7 @@ def _settle(svc: Service, c: CtrRecord, vm: VmRecord, listed: dict[str, Any]) ->
     if c.state == "starting" and state == "running":
         svc.db.set_ctr(c.id, state="running", czone=listed[gid]["czone"])
         return f"container {c.id}: start cut short, found running"
-    if vm.mode != "mcpv":
+    if vm.mode not in MCPV_MODES:
         svc.vm_down(vm.name, timeout=5)
         svc.db.remove_ctr(c.id)
         return f"container {c.id}: {c.state} cut short; its SCPV VM stopped"

@@ -5,7 +5,8 @@ workers serves them through the service layer, each worker with its own
 ``Service`` (its own SSH sessions and store connection).  An invocation
 takes a warm container of its function or starts one (a cold start); a
 container idle for the keep-alive is killed, which in MCPV destroys its
-CZone and gives its memory back.  A sampler thread reads the RSS and PSS of
+CZone and gives its memory back (the MCPV baselines shrink their VM by
+virtio-mem or the balloon instead).  A sampler thread reads the RSS and PSS of
 every QEMU process of the run with psutil.  Every invocation, kill and
 sample is a JSON line, flushed as it happens: an interrupted replay keeps
 what it measured.
@@ -31,11 +32,10 @@ from czone.service import Service
 from czone.trace import Invocation
 
 # replay mode -> the service layer's run mode
-MODES = {"mcpv-czone": "mcpv", "scpv-template": "scpv-template",
+MODES = {"mcpv-czone": "mcpv", "mcpv-virtio-mem": "mcpv-virtio-mem",
+         "mcpv-balloon": "mcpv-balloon", "scpv-template": "scpv-template",
          "scpv-snapshot": "scpv-snapshot"}
-# in the issue, not built yet: an MCPV VM shrunk by virtio-mem or the balloon
-PENDING_MODES = ("mcpv-virtio-mem", "mcpv-balloon")
-ALL_MODES = (*MODES, *PENDING_MODES)
+MCPV = ("mcpv-czone", "mcpv-virtio-mem", "mcpv-balloon")
 SAMPLE_INTERVAL = 1.0
 DRAIN_TIMEOUT = 900.0
 
@@ -54,19 +54,16 @@ class Options:
     keep_vms: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode in PENDING_MODES:
-            raise ReplayError(f"mode {self.mode} is not available yet: an MCPV VM "
-                              "without CZones, shrunk by that mechanism, is still to be "
-                              f"built (available: {', '.join(MODES)})")
         if self.mode not in MODES:
-            raise ReplayError(f"unknown mode {self.mode!r} (one of {', '.join(ALL_MODES)})")
+            raise ReplayError(f"unknown mode {self.mode!r} (one of {', '.join(MODES)})")
         if self.keep_alive < 0:
             raise ReplayError(f"--keep-alive must not be negative, not {self.keep_alive}")
         if self.reclaim_idle_after is not None:
             if self.reclaim_idle_after <= 0:
                 raise ReplayError("--reclaim-idle-after must be positive")
-            if MODES[self.mode] != "mcpv":
-                raise ReplayError(f"--reclaim-idle-after needs an MCPV mode, not {self.mode}")
+            if self.mode != "mcpv-czone":
+                raise ReplayError(f"--reclaim-idle-after needs CZones (mcpv-czone), not "
+                                  f"{self.mode}")
         if self.workers < 1:
             raise ReplayError(f"--workers must be at least 1, not {self.workers}")
 
@@ -119,7 +116,7 @@ class Replay:
         replay measures serving, not the one-time build."""
         svc = self._svc()
         svc.accel()
-        if self.mode == "mcpv":
+        if self.opts.mode in MCPV:
             return
         for fn in sorted(set(functions)):
             spec = svc.vm_spec_for("probe", self.mode, memory_for(fn), 0)

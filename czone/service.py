@@ -30,7 +30,7 @@ from czone.functions import FUNCTIONS, memory_for
 from czone.guest.runtime import AgentError, AgentLost, RuntimeAgent
 from czone.guest.ssh import SSHClient, SshError
 from czone.net import check_port_free, free_port
-from czone.placement import Mode, NoFit, VmView, place, round_up
+from czone.placement import MCPV_MODES, Mode, NoFit, VmView, place, round_up
 from czone.qemu import qmp
 from czone.qemu.cmdline import (
     DEVICE_MEMFD,
@@ -55,7 +55,9 @@ from czone.template import guest_id
 from czone.vmboot import BOOT_TIMEOUT, boot_machine
 from czone.vmspec import spec_for
 
-RUN_MODES: tuple[Mode, ...] = ("mcpv", "scpv-template", "scpv-snapshot")
+RUN_MODES: tuple[Mode, ...] = ("mcpv", "mcpv-virtio-mem", "mcpv-balloon", "scpv-template",
+                               "scpv-snapshot")
+RESIZE_TIMEOUT = 120.0
 # ZONE_MOVABLE beyond the container's cap in an SCPV VM: page cache and the
 # agent share the zone, and a chunk needs a whole free 2 MiB pageblock.
 SCPV_MOVABLE_SLACK_MIB = 64
@@ -312,7 +314,7 @@ class Service:
         booted = boot_spec is not None
         gid = guest_id(mode, ctr_id)
         try:
-            if mode == "mcpv":
+            if mode in MCPV_MODES:
                 if boot_spec is not None:
                     self._boot(boot_spec)
                 else:
@@ -326,7 +328,8 @@ class Service:
             if mode == "scpv-snapshot":
                 guest = {"czone": self.ask(vm, lambda a: a.list())[0]["czone"]}
             else:
-                guest = self.ask(vm, lambda a: a.start(gid, fn, memory_mib), retry=False)
+                guest = self.ask(vm, lambda a: a.start(gid, fn, memory_mib,
+                                                       czone=mode == "mcpv"), retry=False)
             warm = self.ask(vm, lambda a: a.invoke(gid, payload))
         except BaseException:
             self._forget_failed(ctr_id, vm, mode, gid)
@@ -350,7 +353,7 @@ class Service:
                                 and c.state != "lost"),
                             status(v) != "dead")
                      for v in vms if v.fn]
-            max_mib = MCPV_DEVICE_MIB if mode == "mcpv" else \
+            max_mib = MCPV_DEVICE_MIB if mode in MCPV_MODES else \
                 round_up(memory_mib, LINUX_MEMORY_BLOCK_MIB)
             try:
                 d = place(fn, memory_mib, mode, views, max_mib, BLOCK_MIB)
@@ -382,9 +385,13 @@ class Service:
         does not migrate yet, and templates are saved by migration).  Both
         report free pages to the host (a balloon that never inflates), the
         fastest way either has to give free boot memory back."""
-        if mode == "mcpv":
-            return self.vm_spec(name, memory_mode="czone", device_memory_mib=max_mib,
-                                requested_mib=requested_mib, free_page_reporting=True)
+        if mode in ("mcpv", "mcpv-virtio-mem"):
+            return self.vm_spec(name, memory_mode="czone" if mode == "mcpv" else "virtio-mem",
+                                device_memory_mib=max_mib, requested_mib=requested_mib,
+                                free_page_reporting=True)
+        if mode == "mcpv-balloon":
+            # all the memory at boot, the balloon holds back what is not requested
+            return self.vm_spec(name, memory_mib=VM_BOOT_MIB + max_mib, memory_mode="balloon")
         movable = max_mib + SCPV_MOVABLE_SLACK_MIB
         return self.vm_spec(name, memory_mib=VM_BOOT_MIB + movable,
                             extra_append=f"movablecore={movable}M", free_page_reporting=True)
@@ -430,9 +437,12 @@ class Service:
         if st == "dead":
             raise ServiceError(f"VM {vm!r} died while another czonectl was booting it")
 
-    def _apply_requested(self, vm: str) -> None:
-        """Set the device's requested size to the record's, under the store's
-        lock: concurrent growers can never lower it."""
+    def _apply_requested(self, vm: str, wait: bool = True) -> bool:
+        """Set the VM's memory device to the record's requested size, under the
+        store's lock: concurrent growers can never lower it.  The CZone device
+        plugs on demand; virtio-mem and the balloon (the MCPV baselines) are
+        waited for, outside the lock, as an operator would.  False if the
+        device did not get there in time."""
         with self.db.transaction() as conn:
             recs = [v for v in vms_in(conn) if v.name == vm]
             if not recs:
@@ -440,11 +450,37 @@ class Service:
             rec = recs[0]
             machine = self.machine(rec)
             try:
-                current = qmp.requested_size(machine, DEVICE)
-                if current != rec.requested_mib << 20:
-                    qmp.set_requested_size(machine, DEVICE, rec.requested_mib << 20)
+                want = self._set_requested(machine, rec)
             finally:
                 machine.close()
+        if want is None or not wait:
+            return True
+        machine = self.machine(rec)
+        try:
+            if rec.memory_mode == "balloon":
+                qmp.wait_balloon(machine, want, RESIZE_TIMEOUT)
+            else:
+                qmp.wait_size(machine, MEMORY_DEVICE_ID["virtio-mem"], want, RESIZE_TIMEOUT)
+        except qmp.QmpTimeout:
+            self.progress(f"warning: {vm} did not reach {want >> 20} MiB in "
+                          f"{RESIZE_TIMEOUT:.0f}s")
+            return False
+        finally:
+            machine.close()
+        return True
+
+    @staticmethod
+    def _set_requested(machine: Machine, rec: VmRecord) -> int | None:
+        """Ask the device for the record's size; the bytes to wait for, if any."""
+        want = rec.requested_mib << 20
+        if rec.memory_mode == "balloon":
+            want += VM_BOOT_MIB << 20
+            qmp.balloon_target(machine, want)
+            return want
+        dev = MEMORY_DEVICE_ID[rec.memory_mode]
+        if qmp.requested_size(machine, dev) != want:
+            qmp.set_requested_size(machine, dev, want)
+        return None if rec.memory_mode == "czone" else want
 
     def _forget_failed(self, ctr_id: str, vm: str, mode: str, gid: str) -> None:
         """A run that failed or was interrupted after the record was written:
@@ -454,7 +490,7 @@ class Service:
         original error is what the user sees."""
         with contextlib.suppress(CZoneError, OSError):
             rec = self.db.get(vm) if vm in {v.name for v in self.db.list()} else None
-            if mode != "mcpv" and rec is not None:
+            if mode not in MCPV_MODES and rec is not None:
                 if status(rec) == "starting":  # ours: its template never came up
                     kill_strays(Path(rec.run_dir))
                     self.db.remove(vm)
@@ -484,15 +520,17 @@ class Service:
         return reply, time.monotonic() - t0
 
     def kill(self, ctr_id: str) -> KillResult:
-        """Stop the container and destroy its CZone; SCPV stops its VM.  The
-        bytes returned are the drop of the QEMU process's RSS."""
+        """Stop the container and destroy its CZone; SCPV stops its VM; the
+        MCPV baselines shrink their VM by the container (virtio-mem's
+        requested size, or the balloon).  The bytes returned are the drop of
+        the QEMU process's RSS (of the device's memory where there is one)."""
         self.reconcile()
         rec = self.db.ctr(ctr_id)
         if rec.state in ("starting", "stopping") and rec.owner_alive():
             raise ServiceError(f"container {ctr_id!r} is {rec.state} (czonectl pid "
                                f"{rec.owner_pid}); try again when that is done")
         vm = self.db.get(rec.vm) if rec.vm in {v.name for v in self.db.list()} else None
-        if vm is not None and vm.mode != "mcpv":
+        if vm is not None and vm.mode not in MCPV_MODES:
             # SCPV: the VM is the container's; it goes, lost or not.
             before = self._measure(hostmem.stable_rss, vm)
             if status(vm) != "starting":
@@ -507,14 +545,28 @@ class Service:
         # The guest memory the host backs, without TCG's code cache and
         # QEMU's own allocations, which move for reasons of their own.
         def device(pid: int) -> int:
+            if vm.memory_mode == "balloon":   # guest RAM itself: no device memory
+                return hostmem.stable_rss(pid)
             return hostmem.stable_mapping_rss(pid, DEVICE_MEMFD)
 
         before = self._measure(device, vm)
         guest = self.ask(vm.name, lambda a: self.kill_in_guest(a, ctr_id))
-        after = self._measure(device, vm)
         self.db.remove_ctr(ctr_id)
+        if vm.mode != "mcpv":
+            self._shrink(vm.name)
+        after = self._measure(device, vm)
         returned = None if before is None or after is None else max(0, before - after)
         return KillResult(ctr_id, vm.name, returned, guest)
+
+    def _shrink(self, vm: str) -> None:
+        """An MCPV baseline after a kill: the requested size falls to what the
+        remaining containers may use, in whole blocks."""
+        with self.db.transaction() as conn:
+            placed = sum(c.memory_mib for c in ctrs_in(conn)
+                         if c.vm == vm and c.state != "lost")
+            conn.execute("UPDATE vms SET requested_mib=? WHERE name=?",
+                         (round_up(placed, BLOCK_MIB), vm))
+        self._apply_requested(vm)
 
     def _measure(self, read: Callable[[int], int], vm: VmRecord) -> int | None:
         """A host-side measurement that must not fail the operation around it."""
@@ -582,7 +634,12 @@ class Service:
         for vm in self.running_vms(mode=None):
             machine = self.machine(vm)
             try:
-                plugged = qmp.device_size(machine, DEVICE) if vm.memory_mode == "czone" else None
+                if vm.memory_mode in ("czone", "virtio-mem"):
+                    plugged = qmp.device_size(machine, MEMORY_DEVICE_ID[vm.memory_mode])
+                elif vm.memory_mode == "balloon":
+                    plugged = qmp.balloon_actual(machine)
+                else:
+                    plugged = None
             finally:
                 machine.close()
             out[vm.name] = {"fn": vm.fn, "mode": vm.mode, "pid": vm.pid,

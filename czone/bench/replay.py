@@ -59,7 +59,7 @@ def run(p: Params = FULL, out_dir: Path | None = None) -> dict[str, Any]:
               f"from {source}, {p.minutes} trace-minutes at speedup {p.speedup:g}", flush=True)
         result: dict[str, Any] = {"params": p.__dict__, "source": source,
                                   "events": len(plan.events), "tb_size_mib": TB_SIZE_MIB,
-                                  "modes": {}, "not_built": list(rp.PENDING_MODES)}
+                                  "modes": {}}
         for mode in rp.MODES:
             root = work / mode
 
@@ -69,7 +69,7 @@ def run(p: Params = FULL, out_dir: Path | None = None) -> dict[str, Any]:
             log = (out_dir or work) / f"replay-{mode}.jsonl"
             log.parent.mkdir(parents=True, exist_ok=True)
             log.unlink(missing_ok=True)
-            reclaim = p.reclaim_idle_after if rp.MODES[mode] == "mcpv" else None
+            reclaim = p.reclaim_idle_after if mode == "mcpv-czone" else None
             opts = rp.Options(mode, p.keep_alive, reclaim, p.workers)
             summary = rp.replay(make, opts, events, log)
             result["accel"] = make().accel()[0]

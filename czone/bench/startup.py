@@ -26,6 +26,7 @@ from czone import artifacts, hostmem
 from czone.bench.report import table
 from czone.errors import CZoneError
 from czone.functions import memory_for
+from czone.placement import MCPV_MODES
 from czone.service import RUN_MODES, Service
 from czone.state import StateDB
 
@@ -53,7 +54,7 @@ def _teardown(svc: Service) -> None:
 
 
 def _prepare(svc: Service, mode: str) -> None:
-    if mode == "mcpv":
+    if mode in MCPV_MODES:
         return
     spec = svc.vm_spec_for("probe", mode, memory_for(FN), 0)
     svc.template(spec, FN, memory_for(FN), warm=mode == "scpv-snapshot")

@@ -89,9 +89,12 @@ class RuntimeAgent:
         return self.call("hello", wait=30)
 
     def start(self, ctr_id: str, fn: str, memory_mib: int,
-              args: list[str] | None = None) -> dict[str, Any]:
-        """Start a container; ``args`` replaces the function server's command."""
-        extra = {"args": args} if args else {}
+              args: list[str] | None = None, czone: bool = True) -> dict[str, Any]:
+        """Start a container; ``args`` replaces the function server's command;
+        ``czone`` False starts it in no CZone (the MCPV baselines)."""
+        extra: dict[str, Any] = {"args": args} if args else {}
+        if not czone:
+            extra["czone"] = False
         return self.call("start", id=ctr_id, fn=fn, memory_mib=memory_mib, **extra)
 
     def invoke(self, ctr_id: str, payload: Any = None,

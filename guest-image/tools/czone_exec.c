@@ -5,7 +5,8 @@
  *   czone_exec [--overlay LOWER BUNDLE SIZE] ID PROG [ARG...]
  *
  * clone3(CLONE_INTO_CZONE) a child that execs PROG, so that PROG and every
- * task it forks allocate their user memory in CZone ID.  The parent stays
+ * task it forks allocate their user memory in CZone ID; with ID 0, a plain
+ * child in no CZone (the MCPV baselines' containers).  The parent stays
  * outside the CZone, forwards SIGTERM, SIGINT and SIGHUP to the child and
  * exits with the child's status (128 + signal if it was killed), so that the
  * caller can treat czone_exec as the program itself.  A failed clone3 or
@@ -85,7 +86,7 @@ int main(int argc, char **argv)
 	}
 	errno = 0;
 	id = strtoull(argv[1], &end, 10);
-	if (errno || *end || !id || !isdigit((unsigned char)argv[1][0])) {
+	if (errno || *end || !isdigit((unsigned char)argv[1][0])) {
 		fprintf(stderr, "czone_exec: invalid CZone ID '%s'\n", argv[1]);
 		return 125;
 	}
@@ -101,7 +102,7 @@ int main(int argc, char **argv)
 	sigaction(SIGHUP, &sa, NULL);
 
 	parent = getpid();
-	child = czt_clone_into(id);
+	child = id ? czt_clone_into(id) : fork();
 	if (child < 0) {
 		fprintf(stderr, "czone_exec: clone3 into CZone %llu: %s\n", id,
 			strerror(errno));

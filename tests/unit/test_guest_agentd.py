@@ -23,8 +23,9 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def start(self, ctr_id: str, fn: str, memory_mib: int, args: list | None) -> dict:
-        self.calls.append(("start", ctr_id, fn, memory_mib))
+    def start(self, ctr_id: str, fn: str, memory_mib: int, args: list | None,
+              czone: bool) -> dict:
+        self.calls.append(("start", ctr_id, fn, memory_mib) + (() if czone else ("no czone",)))
         if fn == "nope":
             raise AgentFault(2, f"unknown function {fn!r}")
         return {"czone": 7}
@@ -51,12 +52,16 @@ def test_requests_are_dispatched_with_their_arguments() -> None:
     assert r["ok"] is True and r["czone"] == 7 and r["t"]["agent_ms"] >= 0
     ask(rt, {"op": "invoke", "id": "c1", "payload": {"n": 3}, "timeout": 5})
     assert rt.calls == [("start", "c1", "matmul", 128), ("invoke", "c1", {"n": 3}, 5)]
+    ask(rt, {"op": "start", "id": "c2", "fn": "matmul", "memory_mib": 128, "czone": False})
+    assert rt.calls[-1] == ("start", "c2", "matmul", 128, "no czone")
 
 
 @pytest.mark.parametrize("req, errno_name, text", [
     (b"{not json", "EINVAL", "bad request"),
     ([1, 2], "EINVAL", "a request is a JSON object"),
     ({"op": "frobnicate"}, "EINVAL", "unknown op 'frobnicate'"),
+    ({"op": "start", "id": "c", "fn": "matmul", "memory_mib": 64, "czone": "no"}, "EINVAL",
+     "'czone' must be true or false"),
     ({"op": "start", "fn": "matmul", "memory_mib": 64}, "EINVAL", "'id' must be a string"),
     ({"op": "start", "id": "c", "fn": "f", "memory_mib": -1}, "EINVAL", "non-negative"),
     ({"op": "invoke", "id": "c", "timeout": True}, "EINVAL", "'timeout'"),

@@ -30,6 +30,17 @@ def test_other_functions_dead_vms_and_scpv_are_never_shared() -> None:
     assert place("f", 64, "scpv-template", [vm("a")], MAX, BLOCK).action == "boot"
 
 
+def test_mcpv_baselines_place_alike_but_only_in_vms_of_their_mode() -> None:
+    for mode in ("mcpv-virtio-mem", "mcpv-balloon"):
+        assert place("f", 128, mode, [vm("a", placed=128, mode=mode)], MAX, BLOCK) == \
+            Decision("place", "a", 256)
+        assert place("f", 128, mode, [vm("a", placed=200, mode=mode)], MAX, BLOCK) == \
+            Decision("grow", "a", 328)
+        # a CZone VM of the function is no place for a baseline's container, nor back
+        assert place("f", 64, mode, [vm("c")], MAX, BLOCK).action == "boot"
+        assert place("f", 64, "mcpv", [vm("b", mode=mode)], MAX, BLOCK).action == "boot"
+
+
 def test_too_large_or_empty_requests_are_refused() -> None:
     with pytest.raises(NoFit, match="more than a VM can hold"):
         place("f", MAX + 1, "mcpv", [], MAX, BLOCK)

@@ -73,10 +73,10 @@ def test_percentile_and_summary_count_failures_and_say_nothing_for_nothing() -> 
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"mode": "mcpv-balloon"}, "not available yet"),
     ({"mode": "nope"}, "unknown mode"),
     ({"mode": "mcpv-czone", "keep_alive": -1}, "negative"),
-    ({"mode": "scpv-template", "reclaim_idle_after": 5}, "needs an MCPV mode"),
+    ({"mode": "scpv-template", "reclaim_idle_after": 5}, "needs CZones"),
+    ({"mode": "mcpv-balloon", "reclaim_idle_after": 5}, "needs CZones"),
     ({"mode": "mcpv-czone", "workers": 0}, "at least 1"),
 ])
 def test_options_refuse_bad_input(kw: dict[str, Any], match: str) -> None:

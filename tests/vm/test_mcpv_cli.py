@@ -223,3 +223,28 @@ def test_vm_ssh_passes_stdin_and_vm_cp_copies(env: dict[str, str], tmp_path: Pat
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     assert r.stdout.split() == [digest, "/tmp/blob", "644"], r.stderr
     assert "expected NAME:PATH" in fails(env, "vm", "cp", str(src), "nocolon", rc=2)
+
+
+@pytest.mark.parametrize("mode, memory_mode", [("mcpv-virtio-mem", "virtio-mem"),
+                                               ("mcpv-balloon", "balloon")])
+def test_mcpv_baselines_share_a_vm_and_shrink_it_on_kill(env: dict[str, str], mode: str,
+                                                        memory_mode: str) -> None:
+    """The MCPV baselines: containers of a function share a VM, in no CZone,
+    and a kill shrinks the VM by that container (the host's view: the
+    device's size or the balloon's, over QMP)."""
+    first = json.loads(ok(env, "run", FN, "--mode", mode, "--json"))
+    second = json.loads(ok(env, "run", FN, "--mode", mode, "--json"))
+    assert first["vm"] == second["vm"] and first["booted"] and not second["booted"]
+    assert first["czone"] == second["czone"] == 0, "no CZone in a baseline"
+    r = czonectl(env, "invoke", second["id"])
+    assert r.returncode == 0 and json.loads(r.stdout) == EXPECTED[FN]["result"], r.stderr
+    mib = 1 << 20
+    boot = 512 * mib if memory_mode == "balloon" else 0
+    stats = json.loads(ok(env, "stats", "--json"))[first["vm"]]
+    assert stats["plugged_bytes"] == boot + 2 * 128 * mib, stats
+    ok(env, "kill", second["id"])
+    stats = json.loads(ok(env, "stats", "--json"))[first["vm"]]
+    assert stats["plugged_bytes"] == boot + 128 * mib, "the VM shrank by the container"
+    assert [v["requested_mib"] for v in db_rows(env, "vms")] == [128]
+    r = czonectl(env, "invoke", first["id"])
+    assert r.returncode == 0 and json.loads(r.stdout) == EXPECTED[FN]["result"], r.stderr

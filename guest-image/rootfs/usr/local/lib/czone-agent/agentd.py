@@ -48,7 +48,11 @@ def dispatch(rt: Runtime, req: dict) -> dict:
         if args is not None and (not isinstance(args, list) or not args
                                  or not all(isinstance(a, str) for a in args)):
             raise AgentFault(errno.EINVAL, "'args' must be a non-empty list of strings")
-        return rt.start(_str(req, "id"), _str(req, "fn"), int(_num(req, "memory_mib")), args)
+        czone = req.get("czone", True)
+        if not isinstance(czone, bool):
+            raise AgentFault(errno.EINVAL, "'czone' must be true or false")
+        return rt.start(_str(req, "id"), _str(req, "fn"), int(_num(req, "memory_mib")), args,
+                        czone)
     if op == "invoke":
         return rt.invoke(_str(req, "id"), req.get("payload"),
                          _num(req, "timeout", DEFAULT_INVOKE_TIMEOUT))

@@ -136,7 +136,7 @@ class Runtime:
     # -- start ---------------------------------------------------------------
 
     def start(self, ctr_id: str, fn: str, memory_mib: int,
-              args: list[str] | None = None) -> dict:
+              args: list[str] | None = None, czone: bool = True) -> dict:
         if not bundle.ID_RE.fullmatch(ctr_id):
             raise AgentFault(errno.EINVAL, f"invalid container id {ctr_id!r}")
         if not bundle.FN_RE.fullmatch(fn) or \
@@ -150,15 +150,16 @@ class Runtime:
                 raise AgentFault(errno.EEXIST, f"container {ctr_id!r} exists")
             self.ctrs[ctr_id] = ctr = Container(ctr_id, fn, memory_mib, 0, None)
         try:
-            return self._start(ctr, args)
+            return self._start(ctr, args, czone)
         except BaseException:
             self._cleanup(ctr)
             raise
 
-    def _start(self, ctr: Container, args: list[str] | None) -> dict:
+    def _start(self, ctr: Container, args: list[str] | None, czone: bool) -> dict:
+        """``czone`` False: no CZone, only the memcg (the MCPV baselines)."""
         t0 = time.monotonic()
         try:
-            ctr.czone = self.dev.create(cap_for(ctr.memory_mib))
+            ctr.czone = self.dev.create(cap_for(ctr.memory_mib)) if czone else 0
         except OSError as e:
             raise AgentFault(e.errno or errno.EIO, f"CZONE_IOC_CREATE: {e.strerror}") from None
         t1 = time.monotonic()
