@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 CZONECTL := $(VENV)/bin/czonectl
 PYTEST_ARGS ?=
 
-.PHONY: all deps kernel qemu image demo test test-unit test-vm bench lint \
+.PHONY: all deps kernel kernel-stock qemu image demo test test-unit test-vm bench lint \
 	kernel-tree kernel-export qemu-export
 
 all: kernel qemu image
@@ -16,6 +16,9 @@ deps:
 
 kernel: deps
 	scripts/build-kernel.sh
+
+kernel-stock: kernel
+	scripts/build-kernel-stock.sh
 
 qemu: deps
 	scripts/build-qemu.sh
@@ -35,7 +38,7 @@ test-unit: deps
 test-vm: all
 	$(VENV)/bin/pytest -ra -m vm tests/vm $(PYTEST_ARGS)
 
-bench: all
+bench: all kernel-stock
 	$(PY) -m czone.bench $(if $(QUICK),--quick) $(BENCH)
 
 lint: deps

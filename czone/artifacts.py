@@ -34,6 +34,9 @@ INPUTS: dict[str, tuple[tuple[str, ...], str | None, str]] = {
              "qemu-system-data", "make qemu"),
     "image": (("guest-image", "scripts/build-image.sh", "scripts/lib.sh"),
               None, "make image"),
+    # the same source and config without the series: the run-time baseline
+    "kernel-stock": (("kernel-patches/configs", "scripts/build-kernel-stock.sh",
+                      "scripts/lib.sh"), "linux-source-6.12", "make kernel-stock"),
 }
 # The image's in-guest tools compile against the kernel's UAPI headers.
 DEPENDS: dict[str, tuple[str, ...]] = {"image": ("kernel",)}
@@ -137,6 +140,12 @@ def kernel() -> Kernel:
     if override := os.environ.get("CZONE_KERNEL"):
         return Kernel(Path(override), "external")
     d = _require("kernel", "vmlinux", "release")
+    return Kernel(d / "vmlinux", (d / "release").read_text().strip())
+
+
+def kernel_stock() -> Kernel:
+    """The stock kernel of ``make kernel-stock`` (no CZone series)."""
+    d = _require("kernel-stock", "vmlinux", "release")
     return Kernel(d / "vmlinux", (d / "release").read_text().strip())
 
 

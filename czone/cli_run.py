@@ -160,10 +160,15 @@ def stats(ctx: click.Context, as_json: bool) -> None:
                    f"PSS {s['pss_bytes'] / MiB:.0f}M, plugged {plugged} of "
                    f"{s['requested_mib']}M requested")
         for cid, c in s["containers"].items():
-            st = c.get("czone_stat", {})
-            used = st.get("used_pages", 0) * 4096
-            click.echo(f"  {cid}: CZone {c['czone']}, {st.get('nr_chunks', 0)} chunks, "
-                       f"{used / MiB:.1f}M used, {c['invocations']} invocation(s), "
+            st = c.get("czone_stat") or {}
+            if c["czone"]:
+                used = st.get("used_pages", 0) * 4096
+                where = f"CZone {c['czone']}, {st.get('nr_chunks', 0)} chunks, " \
+                        f"{used / MiB:.1f}M used"
+            else:
+                cur = c.get("memory_current")
+                where = "no CZone, memcg " + ("?" if cur is None else f"{cur / MiB:.1f}M")
+            click.echo(f"  {cid}: {where}, {c['invocations']} invocation(s), "
                        f"idle {c['idle_s']:.0f}s")
 
 

@@ -120,8 +120,10 @@ def _new_id(prefix: str) -> str:
 class Service:
     def __init__(self, db: StateDB | None = None, qemu: str | os.PathLike | None = None,
                  progress: Progress | None = None, cpus: int = 1,
-                 tb_size_mib: int | None = None, templates: Path | None = None):
+                 tb_size_mib: int | None = None, templates: Path | None = None,
+                 kernel: artifacts.Kernel | None = None):
         self.db = db or StateDB()
+        self._kernel_override = kernel
         # keyed by build and VM shape, so run roots may share them
         self.templates = templates or self.db.root / "templates"
         self._qemu_override = qemu
@@ -136,7 +138,8 @@ class Service:
     @functools.cached_property
     def builds(self) -> tuple[artifacts.Kernel, artifacts.Image, Path]:
         """Resolved once per Service, so that a rebuild meanwhile cannot mix builds."""
-        return artifacts.kernel(), artifacts.image(), artifacts.qemu_binary(self._qemu_override)
+        return (self._kernel_override or artifacts.kernel(), artifacts.image(),
+                artifacts.qemu_binary(self._qemu_override))
 
     def accel(self, probe: bool = True) -> tuple[str, str]:
         if self._accel is not None:

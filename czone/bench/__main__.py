@@ -10,21 +10,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from czone.bench import boot, kernel, reclaim, replay, report, results, startup
+from czone.bench import boot, kernel, reclaim, replay, report, results, runtime, startup
 from czone.errors import CZoneError
 
 SCENARIOS = {"boot": boot.run, "kernel": kernel.run_all, "reclaim": reclaim.run,
              "startup": startup.run_startup, "footprint": startup.run_footprint,
-             "replay": replay.run}
+             "runtime": runtime.run, "replay": replay.run}
 # --quick: the CI smoke test, minutes not hours; it checks that every step
 # runs and writes its report, never a speed.
 QUICK = {
     "startup": lambda: startup.run_startup(k_max=2),
     "footprint": lambda: startup.run_footprint(ns=(1, 2)),
     "reclaim": lambda: reclaim.run(env={"CZONE_RECLAIM_SIZES": "64", "CZONE_RECLAIM_REPS": "1"}),
+    "runtime": lambda: runtime.run(runtime.QUICK),
     "replay": lambda: replay.run(replay.QUICK),
 }
-REPORTED = ("startup", "footprint", "reclaim", "replay")
+REPORTED = ("startup", "footprint", "reclaim", "runtime", "replay")
 
 
 def main(argv: list[str]) -> int:

@@ -35,14 +35,14 @@ TB_SIZE_MIB = int(os.environ.get("CZONE_BENCH_TB_SIZE", "64"))
 MiB = hostmem.MiB
 
 
-def _service(root: Path) -> Service:
+def _service(root: Path, kernel: artifacts.Kernel | None = None) -> Service:
     # The accelerator verdict is shared with the user's run root: no second probe.
     accel = StateDB().root / "accel.json"
     if accel.exists():
         root.mkdir(parents=True, exist_ok=True)
         (root / "accel.json").write_bytes(accel.read_bytes())
     return Service(db=StateDB(root), tb_size_mib=TB_SIZE_MIB,
-                   templates=artifacts.cache_dir() / "bench" / "templates")
+                   templates=artifacts.cache_dir() / "bench" / "templates", kernel=kernel)
 
 
 def _teardown(svc: Service) -> None:

@@ -26,5 +26,5 @@ def test_bad_bench_settings_are_one_line(monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err == (
         "bench reclaim: error: CZONE_RECLAIM_SIZES='lots': want MiB like 64,256,1024\n")
     # the report still says what ran: nothing
-    assert "Scenarios not run: startup, footprint, reclaim, replay." in \
+    assert "Scenarios not run: startup, footprint, reclaim, runtime, replay." in \
         (tmp_path / "REPORT.md").read_text()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from czone.bench import results
+from czone.bench import results, runtime
 
 MiB = 1 << 20
 PROV = {"date": "2026-11-30 08:00 UTC", "kernel": "k1", "qemu": "q1", "image": "i1",
@@ -25,7 +25,11 @@ def fake_results(tmp_path: Path) -> dict[str, Any]:
         return {"invocations": 2, "failed": 0, "cold_fraction": 0.5, "memory_time_gib_s": mt,
                 "e2e_p50_s": 0.1, "e2e_p99_s": 0.5}
 
+    runtime_summary = runtime.summarize({"matmul": {"patched": [101.0, 110.0, 90.0],
+                                                    "stock": [100.0, 100.0, 95.0, None]}})
     return {
+        "runtime": {"kernels": {"patched": "p", "stock": "s"}, "provenance": PROV,
+                    "summary": runtime_summary},
         "startup": {"fn": "float_operation", "k": 3, "provenance": PROV,
                     "modes": {"mcpv": [2.0, 0.1, 0.2], "scpv-template": [3.0, 1.0, 2.0],
                               "scpv-snapshot": [None, None, None]}},
@@ -74,17 +78,28 @@ def test_report_states_what_it_measured_and_what_it_did_not(tmp_path: Path) -> N
     # the best other MCPV mode is the one with the least memory-time
     assert "| memory-time in the replay / best other MCPV mode | <= 0.7x | - | 0.625 " \
         "(against mcpv-virtio-mem) |" in text
-    assert "run-time overhead (scenario d) | <= 1.02x median, <= 1.05x p99 | - | not measured" \
-        in text
+    assert "| run-time overhead, patched / stock kernel | <= 1.02x median, <= 1.05x p99 | - | " \
+        "1.010 median, 1.100 p99 |" in text
+    assert "| matmul | 101.0 | 100.0 | 1.010 | 110.0 | 100.0 | 1.100 | 3 | 1 |" in text
     # a mode whose every start failed says so; no number stands in for it
     assert "| scpv-snapshot | failed | n/a | n/a | 0 (3 failed) |" in text
     assert "| scpv-snapshot | 2 | 0 | 50.0 | n/a | n/a |" in text
     assert "Scenarios not run: reclaim." in text
     assert "![startup-cdf](startup-cdf.png)" in text
-    assert text.count("Run 2026-11-30 08:00 UTC, kernel `k1`") == 3
+    assert text.count("Run 2026-11-30 08:00 UTC, kernel `k1`") == 4
 
 
 def test_report_of_nothing_says_nothing_was_measured(tmp_path: Path) -> None:
     text = results.report(tmp_path, {}, PROV, []).read_text()
     assert text.count("not measured") == 5, text
-    assert "Scenarios not run: startup, footprint, reclaim, replay." in text
+    assert "Scenarios not run: startup, footprint, reclaim, runtime, replay." in text
+
+
+def test_runtime_summary_counts_failures_and_takes_ratios_per_function() -> None:
+    s = runtime.summarize({"f": {"patched": [10.0, 12.0, None], "stock": [10.0, 10.0]},
+                           "g": {"patched": [None], "stock": [5.0]}})
+    f, g = s["functions"]["f"], s["functions"]["g"]
+    assert f["patched"] == {"median_ms": 11.0, "p99_ms": 12.0, "n": 2, "failed": 1}
+    assert f["median_ratio"] == pytest.approx(1.1) and f["p99_ratio"] == pytest.approx(1.2)
+    assert g["median_ratio"] is None, "a function that never answered has no ratio"
+    assert s["median_ratio"] == pytest.approx(1.1) and s["spread"] == (1.1, 1.1)

@@ -356,7 +356,7 @@ class Runtime:
         for ctr in ctrs:
             row = ctr.describe()
             try:
-                row["czone_stat"] = self.dev.stat(ctr.czone)
+                row["czone_stat"] = self.dev.stat(ctr.czone) if ctr.czone else None
             except OSError as e:
                 row["czone_stat"] = {"error": e.strerror}
             try:

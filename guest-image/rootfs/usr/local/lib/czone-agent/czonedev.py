@@ -36,8 +36,19 @@ def _ioctl(fd: int, spec: tuple[int, str, tuple[str, ...]], **inp: int) -> dict[
 
 
 class CZoneDev:
+    """Opened on first use: on a kernel without CZones (the run-time
+    baseline) the agent serves containers in no CZone, and only a request
+    for one fails (ENOENT)."""
+
     def __init__(self, path: str = "/dev/czone"):
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        return self._fd
 
     def create(self, cap_bytes: int) -> int:
         return _ioctl(self.fd, _CREATE, cap_bytes=cap_bytes)["id"]
@@ -52,7 +63,9 @@ class CZoneDev:
         return _ioctl(self.fd, _RECLAIM, id=czone)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def cap_for(memory_mib: int) -> int:
