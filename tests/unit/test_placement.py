@@ -30,6 +30,14 @@ def test_other_functions_dead_vms_and_scpv_are_never_shared() -> None:
     assert place("f", 64, "scpv-template", [vm("a")], MAX, BLOCK).action == "boot"
 
 
+def test_a_container_goes_only_into_a_vm_of_its_network_mode() -> None:
+    user, bridged = vm("u", placed=0), vm("b", placed=0, net="bridge")
+    assert place("f", 64, "mcpv", [user, bridged], MAX, BLOCK, "bridge") == \
+        Decision("place", "b", 256)
+    assert place("f", 64, "mcpv", [bridged], MAX, BLOCK) == Decision("boot", None, 64)
+    assert place("f", 64, "mcpv", [user], MAX, BLOCK, "bridge") == Decision("boot", None, 64)
+
+
 def test_too_large_or_empty_requests_are_refused() -> None:
     with pytest.raises(NoFit, match="more than a VM can hold"):
         place("f", MAX + 1, "mcpv", [], MAX, BLOCK)
