@@ -54,6 +54,16 @@ class BridgeError(CZoneError):
     pass
 
 
+@contextlib.contextmanager
+def _failures(what: str) -> Iterator[None]:
+    """Netlink and OS failures as one line that says what was being done."""
+    try:
+        yield
+    except (NetlinkError, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise BridgeError(f"{what}: {why}") from None
+
+
 def _effective_caps() -> int:
     for line in PROC_STATUS.read_text().splitlines():
         if line.startswith("CapEff:"):
@@ -140,6 +150,10 @@ class Namespace:
 
     def ensure(self) -> None:
         """The namespace with its bridge up at ``BRIDGE_ADDRESS`` (call locked)."""
+        with _failures(f"cannot set up network namespace {self.name} and its bridge"):
+            self._ensure()
+
+    def _ensure(self) -> None:
         if exists(self.name):
             if not self.ours():
                 raise BridgeError(f"network namespace {self.name} exists but czonectl did not "
@@ -165,7 +179,8 @@ class Namespace:
         ``ensure``)."""
         name = tap_name(nic.address)
         self.delete_tap(name)  # a leftover of a launch cut short has no VM
-        with self._ipr() as ipr:
+        with _failures(f"cannot create tap {name} in network namespace {self.name}"), \
+                self._ipr() as ipr:
             ipr.link("add", ifname=name, kind="tuntap", mode="tap")
             try:
                 fd = in_netns(self.name, lambda: _attach(name))
@@ -186,7 +201,8 @@ class Namespace:
         """Delete tap ``name`` if the namespace has it; True if it was there."""
         if not exists(self.name):
             return False
-        with self._ipr() as ipr:
+        with _failures(f"cannot delete tap {name} in network namespace {self.name}"), \
+                self._ipr() as ipr:
             found = ipr.link_lookup(ifname=name)
             if not found:
                 return False
@@ -204,7 +220,8 @@ class Namespace:
             return False
         there = exists(self.name)
         if there:
-            netns.remove(self.name)
+            with _failures(f"cannot remove network namespace {self.name}"):
+                netns.remove(self.name)
         self.marker.unlink(missing_ok=True)
         return there
 

@@ -135,11 +135,11 @@ def test_a_killed_czonectl_leaves_no_tap_or_namespace(svc: Service, netns_name: 
                           stderr=subprocess.STDOUT)
     ns = bridge.Namespace(netns_name, run_root)
     deadline = time.monotonic() + 60
-    while not (bridge.exists(netns_name) and "czt2" in ns.links()):
+    while not (bridge.exists(netns_name) and "czt2" in ns.links()
+               and (qemu := own_qemu_processes(run_root))):
         assert up.poll() is None, up.communicate()[0]
-        assert time.monotonic() < deadline, "no tap within 60s"
+        assert time.monotonic() < deadline, "no tap and QEMU within 60s"
         time.sleep(0.1)
-    qemu = own_qemu_processes(run_root)
     up.send_signal(signal.SIGKILL)  # mid-boot: record starting, QEMU and tap alive
     up.wait(10)
     assert status(svc.db.get("r1")) == "dead"
