@@ -145,15 +145,20 @@ class Namespace:
                     time.sleep(0.1)
             yield
 
-    def _ipr(self) -> IPRoute:
-        return IPRoute(netns=self.name, flags=0)
+    def _netlink(self, what: str, fn: Callable[[IPRoute], T]) -> T:
+        """``fn`` with a route socket opened inside the namespace, from a thread
+        that entered it.  Not ``IPRoute(netns=...)``: that forks a helper and
+        stops it with SIGTERM, and a fork of czonectl that catches SIGTERM
+        (to unwind like Ctrl-C) would run on as a copy of czonectl."""
+        def run() -> T:
+            with IPRoute() as ipr:
+                return fn(ipr)
+
+        with _failures(what):
+            return in_netns(self.name, run)
 
     def ensure(self) -> None:
         """The namespace with its bridge up at ``BRIDGE_ADDRESS`` (call locked)."""
-        with _failures(f"cannot set up network namespace {self.name} and its bridge"):
-            self._ensure()
-
-    def _ensure(self) -> None:
         if exists(self.name):
             if not self.ours():
                 raise BridgeError(f"network namespace {self.name} exists but czonectl did not "
@@ -162,56 +167,25 @@ class Namespace:
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.marker.write_text(f"{os.getpid()}\n")
-            netns.create(self.name)
-        with self._ipr() as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            if not ipr.link_lookup(ifname=BRIDGE):
-                ipr.link("add", ifname=BRIDGE, kind="bridge")
-            br = ipr.link_lookup(ifname=BRIDGE)[0]
-            ip, _, prefix = BRIDGE_ADDRESS.partition("/")
-            if not any(a.get("address") == ip for a in ipr.addr("dump", index=br)):
-                ipr.addr("add", index=br, address=ip, prefixlen=int(prefix))
-            ipr.link("set", index=br, state="up")
+            with _failures(f"cannot create network namespace {self.name}"):
+                netns.create(self.name)
+        self._netlink(f"cannot set up the bridge in network namespace {self.name}", _bridge_up)
 
     def open_tap(self, nic: TapNic) -> int:
         """Create the tap of ``nic`` on the bridge and return a descriptor on it
         for QEMU; the tap lives as long as that descriptor (call locked, after
-        ``ensure``)."""
+        ``ensure``).  A leftover of that name (a launch cut short) is replaced:
+        the address is this VM's, so no other VM has that tap."""
         name = tap_name(nic.address)
-        self.delete_tap(name)  # a leftover of a launch cut short has no VM
-        with _failures(f"cannot create tap {name} in network namespace {self.name}"), \
-                self._ipr() as ipr:
-            ipr.link("add", ifname=name, kind="tuntap", mode="tap")
-            try:
-                fd = in_netns(self.name, lambda: _attach(name))
-                try:
-                    idx = ipr.link_lookup(ifname=name)[0]
-                    ipr.link("set", index=idx, master=ipr.link_lookup(ifname=BRIDGE)[0],
-                             state="up")
-                except BaseException:
-                    os.close(fd)
-                    raise
-            except BaseException:
-                with contextlib.suppress(NetlinkError, IndexError, OSError):
-                    ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
-                raise
-        return fd
+        return self._netlink(f"cannot create tap {name} in network namespace {self.name}",
+                             lambda ipr: _tap_up(ipr, name))
 
     def delete_tap(self, name: str) -> bool:
         """Delete tap ``name`` if the namespace has it; True if it was there."""
         if not exists(self.name):
             return False
-        with _failures(f"cannot delete tap {name} in network namespace {self.name}"), \
-                self._ipr() as ipr:
-            found = ipr.link_lookup(ifname=name)
-            if not found:
-                return False
-            try:
-                ipr.link("del", index=found[0])
-            except NetlinkError as e:
-                if e.code != errno.ENODEV:  # gone meanwhile (its QEMU exited)
-                    raise
-        return True
+        return self._netlink(f"cannot delete tap {name} in network namespace {self.name}",
+                             lambda ipr: _delete_link(ipr, name))
 
     def remove(self) -> bool:
         """Remove the namespace (and with it the bridge) if it is ours (call
@@ -227,10 +201,54 @@ class Namespace:
 
     def links(self) -> dict[str, dict[str, Any]]:
         """Name -> ``index``, ``master`` (index or None), ``state``, ``mac``."""
-        with self._ipr() as ipr:
+        def dump(ipr: IPRoute) -> dict[str, dict[str, Any]]:
             return {m.get("ifname"): {"index": m["index"], "master": m.get("master"),
                                       "state": m.get("state"), "mac": m.get("address")}
                     for m in ipr.link("dump")}
+
+        return self._netlink(f"cannot list the links of network namespace {self.name}", dump)
+
+
+def _bridge_up(ipr: IPRoute) -> None:
+    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    if not ipr.link_lookup(ifname=BRIDGE):
+        ipr.link("add", ifname=BRIDGE, kind="bridge")
+    br = ipr.link_lookup(ifname=BRIDGE)[0]
+    ip, _, prefix = BRIDGE_ADDRESS.partition("/")
+    if not any(a.get("address") == ip for a in ipr.addr("dump", index=br)):
+        ipr.addr("add", index=br, address=ip, prefixlen=int(prefix))
+    ipr.link("set", index=br, state="up")
+
+
+def _delete_link(ipr: IPRoute, name: str) -> bool:
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        return False
+    try:
+        ipr.link("del", index=found[0])
+    except NetlinkError as e:
+        if e.code != errno.ENODEV:  # gone meanwhile (its QEMU exited)
+            raise
+    return True
+
+
+def _tap_up(ipr: IPRoute, name: str) -> int:
+    """Tap ``name`` made by pyroute2 (in this thread's namespace), opened,
+    enslaved to the bridge and up: the descriptor."""
+    _delete_link(ipr, name)
+    ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+    fd = None
+    try:
+        fd = _attach(name)
+        ipr.link("set", index=ipr.link_lookup(ifname=name)[0],
+                 master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        with contextlib.suppress(NetlinkError, OSError):
+            _delete_link(ipr, name)
+        raise
+    return fd
 
 
 def _attach(name: str) -> int:

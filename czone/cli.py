@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -245,8 +246,17 @@ def doctor(ctx: click.Context, reprobe: bool) -> None:
 
 
 def main() -> None:
-    # SIGTERM unwinds like Ctrl-C, so a half-booted VM or a KVM probe is cleaned up.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # SIGTERM unwinds like Ctrl-C, so a half-booted VM or a KVM probe is cleaned
+    # up.  Only here: a child forked by a library (pyroute2 forks helpers and
+    # stops them with SIGTERM) must die, not unwind into a copy of czonectl.
+    me = os.getpid()
+
+    def on_sigterm(*_: object) -> None:
+        if os.getpid() != me:
+            os._exit(128 + signal.SIGTERM)
+        sys.exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     cli(prog_name="czonectl")
 
 

@@ -93,10 +93,10 @@ def test_bridged_vms_get_static_addresses_serve_on_the_bridge_and_leave_nothing(
 
     # The guest has the address on its second NIC, the one with our MAC;
     # eth0 stays on user-mode networking, which SSH (above) came through.
-    assert "inet 10.77.0.2/24" in guest(svc, vm1.name, "ip -4 addr show dev eth1")
+    assert "inet 10.77.0.2/24" in guest(svc, vm1.name, "busybox ip addr show dev eth1")
     assert guest(svc, vm1.name, "cat /sys/class/net/eth1/address").strip() == \
         "52:54:00:77:00:02"
-    assert "inet 10.0.2.15/24" in guest(svc, vm1.name, "ip -4 addr show dev eth0")
+    assert "inet 10.0.2.15/24" in guest(svc, vm1.name, "busybox ip addr show dev eth0")
 
     ns = bridge.Namespace(netns_name, svc.db.root)
     links = ns.links()
