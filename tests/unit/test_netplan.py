@@ -10,6 +10,7 @@ import pytest
 from czone import netplan
 from czone.netplan import NetError, allocate, host_of, nic_at, tap_name
 from czone.qemu.cmdline import BASE_APPEND, TapNic, VmSpec, build_argv, kernel_append
+from czone.qemu.machine import Machine, VmLaunchError
 
 SPEC = VmSpec(name="vm0", memory_mib=512, cpus=1, kernel=Path("/k/vmlinux"),
               rootfs=Path("/i/rootfs.squashfs"), qemu=Path("/q/qemu-system-x86_64"),
@@ -106,3 +107,10 @@ def test_bridge_without_ssh_forward_is_eth0_and_keeps_extra_append() -> None:
     assert not any(a.startswith("user,") for a in argv)
     # Before a launch opens the tap, the argv names the descriptor's place.
     assert "tap,id=n1,fd=TAPFD" in argv
+
+
+def test_a_launch_without_the_taps_descriptor_is_refused(tmp_path: Path) -> None:
+    spec = replace(SPEC, run_dir=tmp_path, tap=allocate([]))
+    with pytest.raises(VmLaunchError, match="the bridged NIC has no tap descriptor"):
+        Machine(spec).launch()
+    assert not (tmp_path / "qemu.log").exists()
