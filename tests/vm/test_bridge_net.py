@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from pyroute2 import netns
 
 from czone import bridge
 from czone.guest.runtime import RuntimeAgent
@@ -39,7 +40,6 @@ def netns_name() -> Iterator[str]:
     name = f"czone-t{os.getpid()}"
     yield name
     if bridge.exists(name):  # the test failed before its own checks
-        from pyroute2 import netns
         netns.remove(name)
 
 
