@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from czone.cli_run import COMMANDS
 from czone.cli_trace import trace
 from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient
+from czone.netplan import BRIDGE, NET_HELP
 from czone.qemu.cmdline import MEMORY_MODES, Accel, build_argv
 from czone.service import Service
 from czone.state import StateDB, status, validate_name
@@ -90,11 +92,13 @@ cli.add_command(replay)
               help="MiB behind the czone or virtio-mem device.")
 @click.option("--requested", "requested_mib", type=click.IntRange(min=0),
               help="MiB the device may plug at boot (default: all for czone, 0 for virtio-mem).")
+@click.option("--net", default="user", show_default=True, metavar="user|bridge",
+              help=NET_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the QEMU command line and exit.")
 @click.pass_context
 def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: int | None,
           qemu_path: str | None, extra_append: str, boot_timeout: float, memory_mode: str,
-          device_memory_mib: int, requested_mib: int | None, dry_run: bool) -> None:
+          device_memory_mib: int, requested_mib: int | None, net: str, dry_run: bool) -> None:
     """Boot a VM with the CZone kernel and guest image and wait for SSH."""
     validate_name(name)
     svc = Service(qemu=qemu_path or ctx.obj.get("qemu"), progress=lambda m: click.echo(m, err=True))
@@ -102,7 +106,7 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
     if requested_mib is None:
         requested_mib = device_memory_mib if memory_mode == "czone" else 0
     try:
-        spec = svc.vm_spec(name, memory_mib, cpus, ssh_port, probe=not dry_run,
+        spec = svc.vm_spec(name, memory_mib, cpus, ssh_port, probe=not dry_run, net=net,
                            extra_append=extra_append, memory_mode=memory_mode,
                            device_memory_mib=device_memory_mib, requested_mib=requested_mib)
     except ValueError as e:
@@ -115,6 +119,9 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
     rec = svc.vm_up(spec, boot_timeout)
     click.echo(f"VM {name} is up: pid {rec.pid}, {accel}, {memory_mib} MiB, {cpus} CPU(s), "
                f"ssh port {rec.ssh_port}")
+    if rec.net == "bridge":
+        click.echo(f"  bridge: {rec.net_addr} on {BRIDGE} in network namespace {rec.netns} "
+                   f"(tap {rec.tap})")
     click.echo(f"  czonectl vm ssh {name} -- uname -a")
     click.echo(f"  ssh -i {shlex.quote(str(rec.ssh_key))} -p {rec.ssh_port} "
                "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@127.0.0.1")
@@ -125,14 +132,15 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def vm_list(as_json: bool) -> None:
     """List VMs and whether they are still running."""
+    Service(progress=lambda m: click.echo(m, err=True)).reconcile_net()
     records = StateDB().list()
     if as_json:
         click.echo(json.dumps([{**r.to_dict(), "status": status(r)} for r in records],
                               indent=2))
         return
-    rows = [("NAME", "STATUS", "PID", "ACCEL", "MEMORY", "CPUS", "SSH")]
+    rows = [("NAME", "STATUS", "PID", "ACCEL", "MEMORY", "CPUS", "SSH", "NET")]
     rows += [(r.name, status(r), str(r.pid), r.accel, f"{r.memory_mib}M", str(r.cpus),
-              str(r.ssh_port or "-")) for r in records]
+              str(r.ssh_port or "-"), r.net_addr or r.net) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -240,8 +248,17 @@ def doctor(ctx: click.Context, reprobe: bool) -> None:
 
 
 def main() -> None:
-    # SIGTERM unwinds like Ctrl-C, so a half-booted VM or a KVM probe is cleaned up.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # SIGTERM unwinds like Ctrl-C, so a half-booted VM or a KVM probe is cleaned
+    # up.  Only here: a child forked by a library (pyroute2 forks helpers and
+    # stops them with SIGTERM) must die, not unwind into a copy of czonectl.
+    me = os.getpid()
+
+    def on_sigterm(*_: object) -> None:
+        if os.getpid() != me:
+            os._exit(128 + signal.SIGTERM)
+        sys.exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     cli(prog_name="czonectl")
 
 

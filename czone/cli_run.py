@@ -11,6 +11,7 @@ import click
 
 from czone.functions import FUNCTIONS
 from czone.hostmem import MiB
+from czone.netplan import NET_HELP
 from czone.service import RUN_MODES, Service
 
 
@@ -58,12 +59,14 @@ def fn_list() -> None:
                    "template VM; scpv-snapshot: a clone of a VM already serving FUNCTION.")
 @click.option("--memory", "memory_mib", type=click.IntRange(16, 64 << 10),
               help="Memory cap in MiB (default: the function's).")
+@click.option("--net", default="user", show_default=True, metavar="user|bridge",
+              help=NET_HELP + "  A container goes only into a VM of its network mode.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def run(ctx: click.Context, function: str, mode: str, memory_mib: int | None,
+def run(ctx: click.Context, function: str, mode: str, memory_mib: int | None, net: str,
         as_json: bool) -> None:
     """Start a container of FUNCTION; print its ID and startup latency."""
-    res = _svc(ctx).run(function, mode, memory_mib)  # type: ignore[arg-type]
+    res = _svc(ctx).run(function, mode, memory_mib, net=net)  # type: ignore[arg-type]
     if as_json:
         click.echo(json.dumps(res.__dict__, indent=2))
         return

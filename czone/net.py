@@ -1,4 +1,4 @@
-"""Host-side networking: user-mode forwards on 127.0.0.1 (taps and bridges come later)."""
+"""Host-side networking: user-mode forwards on 127.0.0.1 (the bridge is czone/bridge.py)."""
 
 from __future__ import annotations
 

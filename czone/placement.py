@@ -9,6 +9,8 @@ MCPV (one VM per function, many containers in it):
 The MCPV baselines (``mcpv-virtio-mem``, ``mcpv-balloon``) place the same
 way; their VMs grow and shrink by virtio-mem or the balloon instead.
 SCPV (the baselines): every container gets a VM of its own.
+A container goes only into a VM of the network mode it asks for: a bridged
+container must be reachable on the bridge.
 
 Memory is counted by the containers' caps, not their current use: a cap is
 what a container may grow to, and the device must be able to back it.
@@ -41,6 +43,7 @@ class VmView:
     max_mib: int
     placed_mib: int
     usable: bool = True  # False: dead or being torn down
+    net: str = "user"
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def round_up(mib: int, block_mib: int) -> int:
 
 
 def place(fn: str, memory_mib: int, mode: Mode, vms: Iterable[VmView], max_mib: int,
-          block_mib: int) -> Decision:
+          block_mib: int, net: str = "user") -> Decision:
     """The decision for one container of ``fn`` with cap ``memory_mib``."""
     if memory_mib <= 0:
         raise NoFit(f"memory must be positive, not {memory_mib} MiB")
@@ -64,7 +67,8 @@ def place(fn: str, memory_mib: int, mode: Mode, vms: Iterable[VmView], max_mib: 
         raise NoFit(f"{memory_mib} MiB is more than a VM can hold ({max_mib} MiB)")
     if mode not in MCPV_MODES:
         return Decision("boot", requested_mib=round_up(memory_mib, block_mib))
-    mine = sorted((v for v in vms if v.usable and v.fn == fn and v.mode == mode),
+    mine = sorted((v for v in vms
+                   if v.usable and v.fn == fn and v.mode == mode and v.net == net),
                   key=lambda v: v.name)
     for vm in mine:
         if vm.placed_mib + memory_mib <= vm.requested_mib:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from czone import bridge
 from czone.errors import CZoneError
 from czone.placement import MCPV_MODES
 from czone.qemu.machine import kill_strays
@@ -25,7 +26,9 @@ def reconcile(svc: Service) -> list[str]:
       is killed and its containers are lost;
     - a container ``starting`` or ``stopping`` whose owner died is settled
       by the agent's list: running there -> running (or killed, if it
-      was being stopped); absent -> lost or removed.
+      was being stopped); absent -> lost or removed;
+    - a dead bridged VM's tap is deleted, and a namespace of ours that no
+      live VM uses goes, bridge and all (``reconcile_net``).
     """
     done: list[str] = []
     for vm in svc.db.list():
@@ -34,6 +37,7 @@ def reconcile(svc: Service) -> list[str]:
             svc.db.set_vm(vm.name, state="dead")
             done.append(f"VM {vm.name}: its boot was cut short; "
                         f"{strays} QEMU process(es) killed")
+    done += reconcile_net(svc)
     pending: dict[str, list[CtrRecord]] = {}
     # One snapshot of both tables: a VM and its first container are
     # written together by _place, and must be read together.
@@ -81,3 +85,28 @@ def _settle(svc: Service, c: CtrRecord, vm: VmRecord, listed: dict[str, Any]) ->
         return f"container {c.id}: kill cut short; finished it"
     svc.db.set_ctr(c.id, state="lost")
     return f"container {c.id}: start cut short before it ran (lost)"
+
+
+def reconcile_net(svc: Service) -> list[str]:
+    """Taps of dead bridged VMs, and our namespaces no live VM uses: what a
+    crash of czonectl (or of QEMU) may have left.  The namespaces looked at
+    are the records' and this Service's own, which a crash between the last
+    record's removal and the namespace's may have left alone."""
+    done: list[str] = []
+    names = {v.netns for v in svc.db.list() if v.net == "bridge" and v.netns}
+    try:
+        names.add(svc.netns)
+    except CZoneError:
+        pass  # an invalid $CZONE_NETNS is reported where a bridge is asked for
+    for name in sorted(names):
+        ns = bridge.Namespace(name, svc.db.root)
+        if not ns.ours():
+            continue
+        with ns.locked():
+            vms = [v for v in svc.db.list() if v.net == "bridge" and v.netns == name]
+            for v in vms:
+                if status(v) == "dead" and v.tap and ns.delete_tap(v.tap):
+                    done.append(f"VM {v.name}: its tap {v.tap} deleted")
+            if all(status(v) == "dead" for v in vms) and ns.remove():
+                done.append(f"network namespace {name} removed: no live VM uses it")
+    return done

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from czone import accel as accel_mod
-from czone import artifacts, hostmem, recovery, template
+from czone import artifacts, bridge, hostmem, netplan, recovery, template
 from czone.errors import CZoneError
 from czone.functions import FUNCTIONS, memory_for
 from czone.guest.runtime import AgentError, AgentLost, RuntimeAgent
@@ -36,6 +36,7 @@ from czone.qemu.cmdline import (
     DEVICE_MEMFD,
     LINUX_MEMORY_BLOCK_MIB,
     MEMORY_DEVICE_ID,
+    TapNic,
     VmSpec,
     qmp_socket_path,
 )
@@ -121,9 +122,12 @@ class Service:
     def __init__(self, db: StateDB | None = None, qemu: str | os.PathLike | None = None,
                  progress: Progress | None = None, cpus: int = 1,
                  tb_size_mib: int | None = None, templates: Path | None = None,
-                 kernel: artifacts.Kernel | None = None):
+                 kernel: artifacts.Kernel | None = None, netns: str | None = None):
+        """``netns``: the network namespace of bridged VMs (default
+        $CZONE_NETNS, else ``czone-net``); tests pass a name of their own."""
         self.db = db or StateDB()
         self._kernel_override = kernel
+        self._netns = netns
         # keyed by build and VM shape, so run roots may share them
         self.templates = templates or self.db.root / "templates"
         self._qemu_override = qemu
@@ -153,12 +157,62 @@ class Service:
                                        tuple(artifacts.firmware_dirs()), self.db.root)
         return self._accel
 
+    # -- networks ------------------------------------------------------------
+
+    @property
+    def netns(self) -> str:
+        return netplan.netns_name(self._netns)
+
+    def _namespace(self, name: str | None = None) -> bridge.Namespace:
+        return bridge.Namespace(name or self.netns, self.db.root)
+
+    def _bridge_assign(self, vms: list[VmRecord]) -> dict[str, Any]:
+        """The record's network values for a new bridged VM: the lowest address
+        no record in our namespace holds (dead ones too, until `vm down`)."""
+        nic = netplan.allocate(v.net_addr for v in vms
+                               if v.net == "bridge" and v.netns == self.netns and v.net_addr)
+        return {"net": "bridge", "netns": self.netns, "net_addr": nic.address,
+                "tap": netplan.tap_name(nic.address)}
+
+    def _open_tap(self, spec: VmSpec) -> VmSpec:
+        """The namespace and bridge made if need be, the VM's tap created on it:
+        ``spec`` with the tap's descriptor, which the caller closes."""
+        assert spec.tap is not None
+        ns = self._namespace()
+        with ns.locked():
+            ns.ensure()
+            fd = ns.open_tap(spec.tap)
+        return replace(spec, tap=replace(spec.tap, fd=fd))
+
+    def _delete_tap(self, netns: str | None, tap: str | None) -> None:
+        """Before the record goes: its address, and so its tap's name, is
+        still reserved, so the tap is that VM's and no other's."""
+        if netns and tap:
+            ns = self._namespace(netns)
+            with ns.locked():
+                ns.delete_tap(tap)
+
+    def _drop_netns_if_unused(self, netns: str | None) -> bool:
+        """Remove namespace ``netns`` (and its bridge) if no record uses it."""
+        if not netns:
+            return False
+        ns = self._namespace(netns)
+        with ns.locked():
+            if any(v.net == "bridge" and v.netns == netns for v in self.db.list()):
+                return False
+            return ns.remove()
+
     # -- VMs -----------------------------------------------------------------
 
     def vm_spec(self, name: str, memory_mib: int = VM_BOOT_MIB, cpus: int | None = None,
-                ssh_port: int | None = None, probe: bool = True, **extra: Any) -> VmSpec:
-        """The spec of VM ``name`` on the current builds (ValueError if invalid)."""
+                ssh_port: int | None = None, probe: bool = True, net: str = "user",
+                **extra: Any) -> VmSpec:
+        """The spec of VM ``name`` on the current builds (ValueError if invalid).
+        A bridged VM shows the address it would get now; ``vm_up`` allocates
+        it for good when it reserves the name."""
         kernel, image, qemu = self.builds
+        if netplan.check_net_mode(net) == "bridge" and "tap" not in extra:
+            extra["tap"] = netplan.nic_at(self._bridge_assign(self.db.list())["net_addr"])
         accel, _ = self.accel(probe)
         if ssh_port is not None:
             check_port_free(ssh_port)
@@ -170,12 +224,18 @@ class Service:
               fn: str | None = None, mode: str | None = None) -> VmRecord:
         """Reserve ``spec.name``, boot it and wait for SSH (and the agent)."""
         self.db.ensure_free(spec.name)
+        if spec.tap is not None:
+            bridge.preflight()
+        self.reconcile_net()
         rec = self.db.reserve_launch(
-            spec.name, qmp_socket=str(qmp_socket_path(spec.run_dir)), ssh_port=spec.ssh_port,
+            spec.name, assign=self._bridge_assign if spec.tap is not None else None,
+            qmp_socket=str(qmp_socket_path(spec.run_dir)), ssh_port=spec.ssh_port,
             ssh_key=str(self.builds[1].ssh_key), run_dir=str(spec.run_dir), accel=spec.accel,
             memory_mib=spec.memory_mib, cpus=spec.cpus, fn=fn, mode=mode,
             memory_mode=spec.memory_mode, device_mib=spec.device_memory_mib,
             requested_mib=spec.requested_mib)
+        if rec.net_addr is not None:
+            spec = replace(spec, tap=netplan.nic_at(rec.net_addr))
         self._boot(spec, boot_timeout)
         return self.db.get(rec.name)
 
@@ -195,10 +255,21 @@ class Service:
                       + (f", {spec.memory_mode} device up to {spec.device_memory_mib} MiB"
                          if spec.memory_mode != "none" else "") + ")")
         shutil.rmtree(spec.run_dir, ignore_errors=True)
+        tap = spec.tap and netplan.tap_name(spec.tap.address)
         try:
-            machine, times = boot_machine(spec, self.builds[1].ssh_key, boot_timeout, tpl)
+            if spec.tap is not None:
+                spec = self._open_tap(spec)
+            try:
+                machine, times = boot_machine(spec, self.builds[1].ssh_key, boot_timeout, tpl)
+            finally:
+                if spec.tap is not None and spec.tap.fd is not None:
+                    os.close(spec.tap.fd)  # QEMU has its own copy, or failed
         except BaseException:
+            with contextlib.suppress(CZoneError, OSError):
+                self._delete_tap(self.netns if tap else None, tap)
             self.db.remove(spec.name)
+            with contextlib.suppress(CZoneError, OSError):
+                self._drop_netns_if_unused(self.netns if tap else None)
             logs = [f for f in ("serial.log", "qemu.log") if (spec.run_dir / f).exists()]
             if logs:
                 self.progress(f"czonectl: the logs of the failed boot are kept in "
@@ -215,6 +286,7 @@ class Service:
 
     def vm_down(self, name: str, timeout: float = 10.0) -> str:
         """Stop VM ``name``, forget it and its containers; says what happened."""
+        self.reconcile_net()
         rec = self.db.get(name)
         st = status(rec)
         if st == "starting":
@@ -232,10 +304,14 @@ class Service:
             strays = kill_strays(Path(rec.run_dir))
             what = "was dead; record removed" + (
                 f" (killed {strays} stray QEMU process(es))" if strays else "")
+        if rec.net == "bridge":
+            self._delete_tap(rec.netns, rec.tap)
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM containers WHERE vm=?", (name,))
             conn.execute("DELETE FROM vms WHERE name=?", (name,))
         shutil.rmtree(rec.run_dir, ignore_errors=True)
+        if rec.net == "bridge" and self._drop_netns_if_unused(rec.netns):
+            what += f"; network namespace {rec.netns} removed (no bridged VM left)"
         return what
 
     # -- the agent in a VM ---------------------------------------------------
@@ -301,19 +377,25 @@ class Service:
     # -- containers ----------------------------------------------------------
 
     def run(self, fn: str, mode: Mode = "mcpv", memory_mib: int | None = None,
-            payload: Any = None) -> RunResult:
+            payload: Any = None, net: str = "user") -> RunResult:
         """Start a container of ``fn``; its startup latency runs from this call
-        to the first answer of a warm-up invocation."""
+        to the first answer of a warm-up invocation.  ``net="bridge"`` puts it
+        in a bridged VM of its function (booting one if there is none)."""
         t0 = time.monotonic()
         if fn not in FUNCTIONS:
             raise ServiceError(f"unknown function {fn!r} (known: {', '.join(FUNCTIONS)})")
         if mode not in RUN_MODES:
             raise ServiceError(f"mode {mode!r} is not available (use one of "
                                f"{', '.join(RUN_MODES)})")
+        if netplan.check_net_mode(net) == "bridge":
+            if mode not in MCPV_MODES:
+                raise ServiceError(f"--net bridge is for MCPV VMs, not {mode}: every clone of "
+                                   "a template would wake up with the template's address")
+            bridge.preflight()
         memory_mib = memory_mib or memory_for(fn)
         self.accel()  # a first-time KVM probe must not run under the store's lock
         self.reconcile()
-        ctr_id, vm, boot_spec = self._place(fn, mode, memory_mib)
+        ctr_id, vm, boot_spec = self._place(fn, mode, memory_mib, net)
         booted = boot_spec is not None
         gid = guest_id(mode, ctr_id)
         try:
@@ -344,7 +426,8 @@ class Service:
                           f"{warm.get('error')}")
         return RunResult(ctr_id, vm, fn, guest["czone"], startup, booted, guest, warm)
 
-    def _place(self, fn: str, mode: Mode, memory_mib: int) -> tuple[str, str, VmSpec | None]:
+    def _place(self, fn: str, mode: Mode, memory_mib: int,
+               net: str = "user") -> tuple[str, str, VmSpec | None]:
         """Decide and record, atomically: the container's record, and the new
         VM's record or the grown VM's requested size."""
         me = os.getpid()
@@ -354,24 +437,26 @@ class Service:
             views = [VmView(v.name, v.fn, v.mode, v.requested_mib, v.device_mib,  # type: ignore[arg-type]
                             sum(c.memory_mib for c in ctrs if c.vm == v.name
                                 and c.state != "lost"),
-                            status(v) != "dead")
+                            status(v) != "dead", v.net)
                      for v in vms if v.fn]
             max_mib = MCPV_DEVICE_MIB if mode in MCPV_MODES else \
                 round_up(memory_mib, LINUX_MEMORY_BLOCK_MIB)
             try:
-                d = place(fn, memory_mib, mode, views, max_mib, BLOCK_MIB)
+                d = place(fn, memory_mib, mode, views, max_mib, BLOCK_MIB, net)
             except NoFit as e:
                 raise ServiceError(str(e)) from None
             if d.action == "boot":
                 name = _new_id(f"{mode}-{fn}")
-                spec = self.vm_spec_for(name, mode, max_mib, d.requested_mib)
+                nets = self._bridge_assign(vms) if net == "bridge" else {}
+                tap = netplan.nic_at(nets["net_addr"]) if nets else None
+                spec = self.vm_spec_for(name, mode, max_mib, d.requested_mib, tap)
                 rec = VmRecord(name=name, state="starting", pid=me, proc_start=process_start(me),
                                qmp_socket=str(qmp_socket_path(spec.run_dir)),
                                ssh_port=spec.ssh_port, ssh_key=str(self.builds[1].ssh_key),
                                run_dir=str(spec.run_dir), accel=spec.accel,
                                memory_mib=spec.memory_mib, cpus=spec.cpus, created=time.time(),
                                fn=fn, mode=mode, memory_mode=spec.memory_mode,
-                               device_mib=max_mib, requested_mib=d.requested_mib)
+                               device_mib=max_mib, requested_mib=d.requested_mib, **nets)
                 vm_insert(conn, rec)
             else:
                 name = d.vm or ""
@@ -382,7 +467,8 @@ class Service:
                                        process_start(me), None, None, time.time()))
         return ctr_id, name, spec
 
-    def vm_spec_for(self, name: str, mode: str, max_mib: int, requested_mib: int) -> VmSpec:
+    def vm_spec_for(self, name: str, mode: str, max_mib: int, requested_mib: int,
+                    tap: TapNic | None = None) -> VmSpec:
         """MCPV: boot memory plus the CZone device, which placement grows.
         SCPV: one container's memory as ZONE_MOVABLE boot memory (the device
         does not migrate yet, and templates are saved by migration).  Both
@@ -391,10 +477,11 @@ class Service:
         if mode in ("mcpv", "mcpv-virtio-mem"):
             return self.vm_spec(name, memory_mode="czone" if mode == "mcpv" else "virtio-mem",
                                 device_memory_mib=max_mib, requested_mib=requested_mib,
-                                free_page_reporting=True)
+                                free_page_reporting=True, tap=tap)
         if mode == "mcpv-balloon":
             # all the memory at boot, the balloon holds back what is not requested
-            return self.vm_spec(name, memory_mib=VM_BOOT_MIB + max_mib, memory_mode="balloon")
+            return self.vm_spec(name, memory_mib=VM_BOOT_MIB + max_mib, memory_mode="balloon",
+                                tap=tap)
         movable = max_mib + SCPV_MOVABLE_SLACK_MIB
         return self.vm_spec(name, memory_mib=VM_BOOT_MIB + movable,
                             extra_append=f"movablecore={movable}M", free_page_reporting=True)
@@ -657,3 +744,11 @@ class Service:
     def reconcile(self) -> list[str]:
         """Repair what a czonectl that died midway left behind (czone/recovery.py)."""
         return recovery.reconcile(self)
+
+    def reconcile_net(self) -> list[str]:
+        """Only the network part of ``reconcile`` (for the ``vm`` commands, which
+        touch no container): taps of dead VMs, namespaces nobody uses."""
+        done = recovery.reconcile_net(self)
+        for line in done:
+            self.progress(f"reconcile: {line}")
+        return done

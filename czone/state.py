@@ -15,7 +15,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS containers (
 VM_COLUMNS_V2 = (("fn", "TEXT"), ("mode", "TEXT"), ("memory_mode", "TEXT NOT NULL DEFAULT 'none'"),
                  ("device_mib", "INTEGER NOT NULL DEFAULT 0"),
                  ("requested_mib", "INTEGER NOT NULL DEFAULT 0"))
+# Version 3, bridged networking: the mode, and for "bridge" the namespace, the
+# VM's address (CIDR) and its tap there.  Older records read as "user".
+VM_COLUMNS_V3 = (("net", "TEXT NOT NULL DEFAULT 'user'"), ("netns", "TEXT"),
+                 ("net_addr", "TEXT"), ("tap", "TEXT"))
 
 
 class StateError(CZoneError):
@@ -119,6 +123,10 @@ class VmRecord:
     memory_mode: str = "none"
     device_mib: int = 0
     requested_mib: int = 0
+    net: str = "user"
+    netns: str | None = None
+    net_addr: str | None = None
+    tap: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,7 +163,7 @@ class StateDB:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(SCHEMA)
         have = {r[1] for r in conn.execute("PRAGMA table_info(vms)")}
-        for col, sqltype in VM_COLUMNS_V2:
+        for col, sqltype in VM_COLUMNS_V2 + VM_COLUMNS_V3:
             if col not in have:
                 try:
                     conn.execute(f"ALTER TABLE vms ADD COLUMN {col} {sqltype}")
@@ -218,12 +226,25 @@ class StateDB:
                 else "pick another --name")
         raise DuplicateVm(f"a VM named {name!r} already exists ({st}); {hint}")
 
-    def reserve_launch(self, name: str, **values: Any) -> VmRecord:
-        """Reserve ``name`` for a launch owned by this process."""
+    def reserve_launch(self, name: str,
+                       assign: Callable[[list[VmRecord]], dict[str, Any]] | None = None,
+                       **values: Any) -> VmRecord:
+        """Reserve ``name`` for a launch owned by this process; ``assign``, given
+        every record, adds values decided in the same transaction (an address)."""
+        validate_name(name)
         me = os.getpid()
-        rec = VmRecord(name=name, state="starting", pid=me, proc_start=process_start(me),
-                       created=time.time(), **values)
-        self.reserve(rec)
+        with self.transaction() as conn:
+            if assign is not None:
+                values = {**values, **assign(vms_in(conn))}
+            rec = VmRecord(name=name, state="starting", pid=me, proc_start=process_start(me),
+                           created=time.time(), **values)
+            taken = bool(conn.execute("SELECT 1 FROM vms WHERE name=?", (name,)).fetchall())
+            if not taken:
+                vm_insert(conn, rec)
+        if taken:
+            self.ensure_free(name)
+            raise DuplicateVm(f"another czonectl was creating or removing VM {name!r} "
+                              "at the same time; try again")
         return rec
 
     def mark_up(self, name: str, pid: int, proc_start: float) -> None:

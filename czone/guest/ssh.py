@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import shlex
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -73,8 +74,12 @@ def _pump(src: BinaryIO, chan: paramiko.Channel) -> None:
 
 
 class SSHClient:
-    def __init__(self, host: str, port: int, key_path: Path, user: str = "root"):
+    def __init__(self, host: str, port: int, key_path: Path, user: str = "root",
+                 sock: Callable[[], socket.socket] | None = None):
+        """``sock``: makes the TCP connection instead of paramiko (e.g. one opened
+        inside a network namespace, to reach a guest on the bridge)."""
         self.host, self.port, self.key_path, self.user = host, port, Path(key_path), user
+        self._sock = sock
         self._client: paramiko.SSHClient | None = None
 
     def _load_key(self) -> paramiko.PKey:
@@ -90,7 +95,8 @@ class SSHClient:
         try:
             client.connect(self.host, self.port, username=self.user, pkey=self._load_key(),
                            timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
-                           allow_agent=False, look_for_keys=False)
+                           allow_agent=False, look_for_keys=False,
+                           sock=self._sock() if self._sock else None)
         except NET_ERRORS as e:
             client.close()
             raise SshError(f"cannot connect to {self.user}@{self.host}:{self.port}: "

@@ -9,6 +9,8 @@ device) can be composed in without touching the others.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,6 +20,16 @@ Accel = Literal["kvm", "tcg"]
 # and guest kernel config, so benchmarks compare like with like.
 MemoryMode = Literal["none", "czone", "virtio-mem", "balloon"]
 MEMORY_MODES: tuple[MemoryMode, ...] = ("none", "czone", "virtio-mem", "balloon")
+# How the guest is networked.  "user": QEMU's user-mode network only (SSH
+# forwarded on 127.0.0.1).  "bridge": that, plus a second NIC on a tap that
+# czonectl opens in its network namespace (czone/bridge.py) and hands QEMU as
+# a file descriptor.
+NetMode = Literal["user", "bridge"]
+NET_MODES: tuple[NetMode, ...] = ("user", "bridge")
+# What --dry-run shows in place of the tap's descriptor, which exists only
+# once czonectl has opened the tap for a launch.
+TAP_FD_PLACEHOLDER = "TAPFD"
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 # QOM ids of the memory devices, as found under /machine/peripheral/.
 MEMORY_DEVICE_ID = {"czone": "czdev0", "virtio-mem": "vmem0", "balloon": "balloon0"}
 # How the device memory's memfd shows in /proc/PID/smaps (QEMU names it so).
@@ -32,6 +44,34 @@ INIT_MARKER = "Run /sbin/czone-init"
 
 BASE_APPEND = ("console=ttyS0 root=/dev/vda ro rootfstype=squashfs init=/sbin/czone-init "
                "memhp_default_state=online_movable panic=-1")
+
+
+@dataclass(frozen=True)
+class TapNic:
+    """The guest's NIC on the bridge: its static address (CIDR), its MAC and
+    the tap's descriptor that QEMU inherits (None until a launch opens it)."""
+
+    address: str
+    mac: str
+    fd: int | None = None
+
+    def __post_init__(self) -> None:
+        iface = ipaddress.ip_interface(self.address)  # ValueError if malformed
+        if iface.version != 4 or iface.network.prefixlen == 32:
+            raise ValueError(f"a bridged NIC needs an IPv4 address with a prefix, "
+                             f"not {self.address!r}")
+        if not MAC_RE.fullmatch(self.mac):
+            raise ValueError(f"not a MAC address: {self.mac!r}")
+
+    @property
+    def ip(self) -> str:
+        return self.address.partition("/")[0]
+
+    @property
+    def netmask(self) -> str:
+        bits = int(self.address.partition("/")[2] or 32)
+        mask = (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
+        return ".".join(str(mask >> s & 0xFF) for s in (24, 16, 8, 0))
 
 
 @dataclass(frozen=True)
@@ -71,6 +111,12 @@ class VmSpec:
     # TCG's translation cache in MiB (None: QEMU's default); each QEMU process
     # holds its own, which KVM does not have, so benchmarks set it explicitly.
     tb_size_mib: int | None = None
+    # The bridged NIC (net mode "bridge"), or None (user-mode networking only).
+    tap: TapNic | None = None
+
+    @property
+    def net(self) -> NetMode:
+        return "bridge" if self.tap is not None else "user"
 
     def __post_init__(self) -> None:
         if self.memory_mib <= 0 or self.cpus <= 0:
@@ -118,8 +164,23 @@ def opt_escape(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
+def bridge_ifname(spec: VmSpec) -> str:
+    """The guest's name of the bridged NIC: PCI order follows the argv, and the
+    user-mode NIC (if any) comes first."""
+    return "eth1" if spec.ssh_port is not None else "eth0"
+
+
+def ip_config(spec: VmSpec) -> str:
+    """The kernel's static IP configuration of the bridged NIC (no gateway:
+    the default route stays on the user-mode network)."""
+    if spec.tap is None:
+        return ""
+    tap = spec.tap
+    return f"ip={tap.ip}:::{tap.netmask}::{bridge_ifname(spec)}:off"
+
+
 def kernel_append(spec: VmSpec) -> str:
-    return f"{BASE_APPEND} {spec.extra_append}".strip()
+    return " ".join(w for w in (BASE_APPEND, ip_config(spec), spec.extra_append.strip()) if w)
 
 
 def machine_args(spec: VmSpec) -> list[str]:
@@ -198,11 +259,16 @@ def rootfs_args(spec: VmSpec) -> list[str]:
 
 
 def net_args(spec: VmSpec) -> list[str]:
-    if spec.ssh_port is None:
-        return []
     # romfile= drops the PXE option ROM: we boot with -kernel and need no iPXE.
-    return ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
-            "-device", "virtio-net-pci,netdev=n0,romfile="]
+    args = []
+    if spec.ssh_port is not None:
+        args += ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
+                 "-device", "virtio-net-pci,netdev=n0,romfile="]
+    if spec.tap is not None:
+        fd = TAP_FD_PLACEHOLDER if spec.tap.fd is None else spec.tap.fd
+        args += ["-netdev", f"tap,id=n1,fd={fd}",
+                 "-device", f"virtio-net-pci,netdev=n1,mac={spec.tap.mac},romfile="]
+    return args
 
 
 def console_args(spec: VmSpec) -> list[str]:

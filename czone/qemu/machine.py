@@ -204,6 +204,9 @@ class Machine:
         for path in (self.qmp_socket, self.qmp_launch_socket):
             if len(str(path)) > MAX_SOCKET_PATH:
                 raise VmLaunchError(f"QMP socket path too long for AF_UNIX: {path}", self.argv)
+        if self.spec.tap is not None and self.spec.tap.fd is None:
+            raise VmLaunchError("the bridged NIC has no tap descriptor: the service layer "
+                                "opens the tap before the launch", self.argv)
         self._launched = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for f in (self.qmp_socket, self.qmp_launch_socket, self.serial_log):
@@ -212,9 +215,13 @@ class Machine:
         try:
             with open(self.qemu_log, "wb") as log:
                 # Own session and no stdio from us: QEMU outlives `czonectl vm up`.
+                # The bridged NIC's tap (opened by czonectl) is the one descriptor
+                # QEMU inherits; the argv names it by number.
+                fds = (self.spec.tap.fd,) if self.spec.tap and self.spec.tap.fd is not None \
+                    else ()
                 self._proc = psutil.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True)
+                    start_new_session=True, close_fds=True, pass_fds=fds)
         except OSError as e:
             _close(qmp)
             raise VmLaunchError(f"cannot execute QEMU: {e}", self.argv) from e

@@ -41,6 +41,14 @@ def test_mcpv_baselines_place_alike_but_only_in_vms_of_their_mode() -> None:
         assert place("f", 64, "mcpv", [vm("b", mode=mode)], MAX, BLOCK).action == "boot"
 
 
+def test_a_container_goes_only_into_a_vm_of_its_network_mode() -> None:
+    user, bridged = vm("u", placed=0), vm("b", placed=0, net="bridge")
+    assert place("f", 64, "mcpv", [user, bridged], MAX, BLOCK, "bridge") == \
+        Decision("place", "b", 256)
+    assert place("f", 64, "mcpv", [bridged], MAX, BLOCK) == Decision("boot", None, 64)
+    assert place("f", 64, "mcpv", [user], MAX, BLOCK, "bridge") == Decision("boot", None, 64)
+
+
 def test_too_large_or_empty_requests_are_refused() -> None:
     with pytest.raises(NoFit, match="more than a VM can hold"):
         place("f", MAX + 1, "mcpv", [], MAX, BLOCK)

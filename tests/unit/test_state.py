@@ -113,3 +113,44 @@ def test_lost_race_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DuplicateVm, match="another czonectl was creating or removing VM 'vm0' "
                                           "at the same time; try again"):
         StateDB().reserve(record())
+
+
+V2_VMS = """CREATE TABLE vms (name TEXT PRIMARY KEY, state TEXT NOT NULL, pid INTEGER NOT NULL,
+    proc_start REAL NOT NULL, qmp_socket TEXT NOT NULL, ssh_port INTEGER, ssh_key TEXT,
+    run_dir TEXT NOT NULL, accel TEXT NOT NULL, memory_mib INTEGER NOT NULL,
+    cpus INTEGER NOT NULL, created REAL NOT NULL, fn TEXT, mode TEXT,
+    memory_mode TEXT NOT NULL DEFAULT 'none', device_mib INTEGER NOT NULL DEFAULT 0,
+    requested_mib INTEGER NOT NULL DEFAULT 0)"""
+
+
+def test_a_store_from_before_bridged_networking_reads_as_user_mode() -> None:
+    db = StateDB()
+    db.root.mkdir(parents=True)
+    with sqlite3.connect(db.path) as conn:
+        conn.execute(V2_VMS)
+        conn.execute("INSERT INTO vms (name, state, pid, proc_start, qmp_socket, run_dir, accel, "
+                     "memory_mib, cpus, created) VALUES ('old', 'up', 1, 0, '/q', '/r', 'tcg', "
+                     "512, 1, 1.0)")
+    old = db.get("old")
+    assert (old.net, old.netns, old.net_addr, old.tap) == ("user", None, None, None)
+    db.reserve(VmRecord(**{**record("new").to_dict(), "net": "bridge", "netns": "czone-t",
+                           "net_addr": "10.77.0.2/24", "tap": "czt2"}))
+    assert db.get("new").net_addr == "10.77.0.2/24" and db.get("old").net == "user"
+
+
+def test_reserve_launch_assigns_inside_its_transaction() -> None:
+    db = StateDB()
+    seen: list[list[str]] = []
+
+    def assign(vms: list[VmRecord]) -> dict:
+        seen.append([v.name for v in vms])
+        return {"net": "bridge", "netns": "czone-t", "net_addr": f"10.77.0.{len(vms) + 2}/24"}
+
+    args = dict(qmp_socket="/q", ssh_port=1, ssh_key=None, run_dir="/r", accel="tcg",
+                memory_mib=64, cpus=1)
+    assert db.reserve_launch("a", assign=assign, **args).net_addr == "10.77.0.2/24"
+    assert db.reserve_launch("b", assign=assign, **args).net_addr == "10.77.0.3/24"
+    assert seen == [[], ["a"]]
+    with pytest.raises(DuplicateVm, match="a VM named 'a' already exists"):
+        db.reserve_launch("a", assign=assign, **args)
+    assert [v.name for v in db.list()] == ["a", "b"]
