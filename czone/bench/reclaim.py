@@ -16,7 +16,7 @@ from typing import Any
 from czone import accel as accel_mod
 from czone import artifacts
 from czone.bench import reclaim_cases as cases
-from czone.bench.reclaim_model import (
+from czone.bench.reclaim_stats import (
     LABELS,
     Sample,
     case_rows,

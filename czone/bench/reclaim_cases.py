@@ -15,7 +15,7 @@ from typing import Any
 
 from czone.bench import reclaim_raw as raw
 from czone.bench.guestvm import booted
-from czone.bench.reclaim_model import (
+from czone.bench.reclaim_stats import (
     BLOCK_MIB,
     Sample,
     cap_mib,

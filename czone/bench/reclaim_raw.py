@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable
 
-from czone.bench.reclaim_model import Sample
+from czone.bench.reclaim_stats import Sample
 from czone.errors import CZoneError
 from czone.hostmem import PAGE, RssWatch
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from czone import artifacts
-from czone.bench.reclaim_model import LABELS as RECLAIM_LABELS
+from czone.bench.reclaim_stats import LABELS as RECLAIM_LABELS
 
 MiB = 1 << 20
 

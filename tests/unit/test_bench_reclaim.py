@@ -9,7 +9,7 @@ import time
 import pytest
 
 from czone.bench import reclaim, reclaim_raw
-from czone.bench.reclaim_model import (
+from czone.bench.reclaim_stats import (
     LABELS,
     MiB,
     Sample,
