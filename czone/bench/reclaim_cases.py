@@ -149,6 +149,8 @@ def virtio_mem(size_mib: int) -> tuple[Sample, Sample]:
                          "verified_pages": verify_neighbours(agent, size_mib)}
         until = shrink_until(vm, dev_id, shrink, target, size_mib)
         until.extra["verified_pages"] = verify_neighbours(agent, size_mib)
+        # the stepping harness's own cost, reported beside the latency
+        until.extra["qmp_rtt_s"] = median_time(lambda _: qmp.device_size(vm, dev_id))
     return shrink, until
 
 
@@ -185,7 +187,8 @@ def shrink_until(vm: Machine, dev_id: str, shrink: Sample, start_mib: int,
     steps_s = max(more.latency_s, more.extra["done_s"]) if requested != start_mib else 0.0
     return Sample(first + steps_s, shrink.before, more.after, shrink.resident,
                   {"requested_mib": requested, "stopped": why, "step_mib": step_mib(size_mib),
-                   "steps_s": steps_s})
+                   "steps_s": steps_s,
+                   "steps": 1 + (start_mib - requested) // step_mib(size_mib)})
 
 
 def balloon(size_mib: int) -> tuple[Sample, Sample]:

@@ -201,8 +201,14 @@ def notes(case: str, ss: list[Sample]) -> str:
                 + (f"; did not reach the size in {missed} repetition(s)" if missed else ""))
     if case == "vmem_until":
         stops = sorted({e["stopped"] for e in x})
-        return (f"{'/'.join(stops)} at {statistics.median_low([e['requested_mib'] for e in x])}"
+        text = (f"{'/'.join(stops)} at {statistics.median_low([e['requested_mib'] for e in x])}"
                 f" MiB, steps of {x[0]['step_mib']} MiB")
+        if all("steps" in e and "qmp_rtt_s" in e for e in x):
+            # each step: a QMP request, then the size polled every 20 ms
+            text += (f"; harness: {statistics.median_low([e['steps'] for e in x])} steps x "
+                     f"(QMP {median([e['qmp_rtt_s'] * 1e3 for e in x]):.1f} ms + up to 20 ms "
+                     "polling)")
+        return text
     if case == "fpr":
         return f"watched for {x[0]['window_s']:.0f} s after the kill"
     if case == "inflate":

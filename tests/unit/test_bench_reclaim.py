@@ -145,6 +145,11 @@ def test_summary_takes_medians_and_keeps_flags_strict() -> None:
     assert s["ratios"]["speedup_vs_vmem"] == pytest.approx(100)
     assert s["ratios"]["vmem_reached"] is False
     assert "reached/time limit at 192 MiB" in s["notes"]["vmem_until"]
+    assert "harness" not in s["notes"]["vmem_until"], "older samples: no harness figure"
+    for r in reps:
+        r["vmem_until"].extra |= {"steps": 4, "qmp_rtt_s": 0.002}
+    assert summarize(reps)["notes"]["vmem_until"].endswith(
+        "; harness: 4 steps x (QMP 2.0 ms + up to 20 ms polling)")
     assert s["notes"]["vmem_shrink"] == "device shrunk after 100 ms"
     assert s["notes"]["czone"] == "15.0 ms in the guest, 33 chunks, 0 pages migrated"
     reps[0]["czone"].extra["destroy"] = {**reps[0]["czone"].extra["destroy"], "released": 32}
