@@ -8,6 +8,7 @@ from typing import Any
 
 from czone import accel as accel_mod
 from czone import artifacts
+from czone.bench.guestvm import TB_SIZE_MIB
 from czone.bench.report import median, table
 from czone.net import free_port
 from czone.qemu.cmdline import Accel
@@ -20,7 +21,8 @@ TIMEOUT = 120.0
 
 def boot_once(accel: Accel, memory_mib: int, workdir: Path) -> dict[str, float]:
     kernel, image, qemu = artifacts.kernel(), artifacts.image(), artifacts.qemu_binary()
-    spec = spec_for("bench", workdir, kernel, image, qemu, accel, free_port(), memory_mib)
+    spec = spec_for("bench", workdir, kernel, image, qemu, accel, free_port(), memory_mib,
+                    tb_size_mib=TB_SIZE_MIB)
     with booted(spec, image.ssh_key, TIMEOUT) as (_, times):
         return {k: times[k] for k in ("init_s", "sshd_s", "ssh_ready_s")}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from czone.state import run_root
 from czone.vmspec import spec_for
 
 BOOT_TIMEOUT = 120.0
+TB_SIZE_MIB = int(os.environ.get("CZONE_BENCH_TB_SIZE", "64"))
 
 
 @functools.cache
@@ -35,6 +37,8 @@ def booted(name: str, memory_mib: int, extra_append: str = "",
     """A booted VM (on the probed accelerator) and the accelerator's name."""
     kernel, image, qemu, accel = _artifacts()
     with tempfile.TemporaryDirectory(prefix=f"czb-{name}-") as d:
+        # the same translation cache for every benchmark VM (startup.TB_SIZE_MIB)
+        extra.setdefault("tb_size_mib", TB_SIZE_MIB)
         spec = spec_for(name, Path(d), kernel, image, qemu, accel, free_port(), memory_mib,
                         extra_append=extra_append, **extra)
         with vmboot.booted(spec, image.ssh_key, BOOT_TIMEOUT) as (vm, _):

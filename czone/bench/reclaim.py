@@ -16,6 +16,7 @@ from typing import Any
 from czone import accel as accel_mod
 from czone import artifacts
 from czone.bench import reclaim_cases as cases
+from czone.bench.guestvm import TB_SIZE_MIB
 from czone.bench.reclaim_stats import (
     LABELS,
     Sample,
@@ -91,6 +92,7 @@ def run(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     summaries = {size: summarize(rs) for size, rs in samples.items()}
     print(render(accel, why, reps, summaries))
     return {"accel": accel, "probe": why, "kernel": kernel.release, "image": image.version,
+            "tb_size_mib": TB_SIZE_MIB,
             "reps": reps, "summary": summaries,
             "samples": {size: [{k: s.as_dict() for k, s in r.items()} for r in rs]
                         for size, rs in samples.items()}}

@@ -36,6 +36,22 @@ class Params:
     only: str | None = None
 
 
+def from_env(env: dict[str, str] | None = None) -> Params:
+    """FULL, or shortened by CZONE_REPLAY_FUNCTIONS / _MINUTES / _SPEEDUP / _KEEP_ALIVE."""
+    e = dict(os.environ if env is None else env)
+    kw: dict[str, Any] = {}
+    for name, field, cast in (("FUNCTIONS", "functions", int), ("MINUTES", "minutes", int),
+                              ("SPEEDUP", "speedup", float), ("KEEP_ALIVE", "keep_alive", float)):
+        if text := e.get(f"CZONE_REPLAY_{name}", "").strip():
+            try:
+                kw[field] = cast(text)
+            except ValueError:
+                raise ValueError(f"CZONE_REPLAY_{name}={text!r} is not a number") from None
+            if kw[field] <= 0:
+                raise ValueError(f"CZONE_REPLAY_{name}={text} must be positive")
+    return Params(**kw)
+
+
 FULL = Params()
 QUICK = Params(functions=3, minutes=2, speedup=6.0, keep_alive=5.0, reclaim_idle_after=None,
                workers=4, only="float_operation")
@@ -49,7 +65,8 @@ def trace_path(work: Path, p: Params) -> tuple[Path, str]:
     return path, f"synthetic diurnal, {max(p.functions * 3, 10)} functions, seed {p.seed}"
 
 
-def run(p: Params = FULL, out_dir: Path | None = None) -> dict[str, Any]:
+def run(p: Params | None = None, out_dir: Path | None = None) -> dict[str, Any]:
+    p = p or from_env()
     with tempfile.TemporaryDirectory(prefix="czb-replay-") as d:
         work = Path(d)
         path, source = trace_path(work, p)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from czone import artifacts, hostmem
+from czone.bench.guestvm import TB_SIZE_MIB
 from czone.bench.report import table
 from czone.errors import CZoneError
 from czone.functions import memory_for
@@ -31,7 +32,6 @@ from czone.service import RUN_MODES, Service
 from czone.state import StateDB
 
 FN = os.environ.get("CZONE_BENCH_FN", "float_operation")
-TB_SIZE_MIB = int(os.environ.get("CZONE_BENCH_TB_SIZE", "64"))
 MiB = hostmem.MiB
 
 

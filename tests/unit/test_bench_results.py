@@ -68,7 +68,7 @@ def test_report_states_what_it_measured_and_what_it_did_not(tmp_path: Path) -> N
     r = fake_results(tmp_path)
     pngs = results.plots(tmp_path, r)
     assert {p.name for p in pngs} == {"memory-over-time.png", "startup-cdf.png",
-                                      "footprint.png"}
+                                      "footprint.png", "runtime-overhead.png"}
     assert all(p.stat().st_size > 1000 for p in pngs)
     text = results.report(tmp_path, r, PROV, pngs).read_text()
     assert "accelerator **tcg**" in text and "`make bench QUICK=1`" in text
@@ -85,6 +85,10 @@ def test_report_states_what_it_measured_and_what_it_did_not(tmp_path: Path) -> N
     assert "| scpv-snapshot | failed | n/a | n/a | 0 (3 failed) |" in text
     assert "| scpv-snapshot | 2 | 0 | 50.0 | n/a | n/a |" in text
     assert "Scenarios not run: reclaim." in text
+    # CZone against each baseline; what was not measured is n/a
+    assert "| scpv-template | 0.100 | 0.500 | 0.250 |" in text
+    assert "| mcpv-virtio-mem | n/a | n/a | 0.625 |" in text
+    assert "| scpv-snapshot | n/a | n/a | n/a |" in text
     assert "![startup-cdf](startup-cdf.png)" in text
     assert text.count("Run 2026-11-30 08:00 UTC, kernel `k1`") == 4
 
@@ -103,3 +107,14 @@ def test_runtime_summary_counts_failures_and_takes_ratios_per_function() -> None
     assert f["median_ratio"] == pytest.approx(1.1) and f["p99_ratio"] == pytest.approx(1.2)
     assert g["median_ratio"] is None, "a function that never answered has no ratio"
     assert s["median_ratio"] == pytest.approx(1.1) and s["spread"] == (1.1, 1.1)
+
+
+def test_replay_params_from_the_environment() -> None:
+    from czone.bench import replay
+    assert replay.from_env({}) == replay.FULL
+    p = replay.from_env({"CZONE_REPLAY_MINUTES": "10", "CZONE_REPLAY_SPEEDUP": "4"})
+    assert (p.minutes, p.speedup, p.functions) == (10, 4.0, 20)
+    with pytest.raises(ValueError, match="not a number"):
+        replay.from_env({"CZONE_REPLAY_FUNCTIONS": "many"})
+    with pytest.raises(ValueError, match="must be positive"):
+        replay.from_env({"CZONE_REPLAY_SPEEDUP": "0"})

@@ -31,12 +31,13 @@ def test_quick_bench_writes_json_plots_and_report(artifacts, tmp_path: Path) -> 
         evidence.parent.mkdir(exist_ok=True)
         evidence.write_text(text)
     assert proc.returncode == 0, f"quick bench failed (log in test-artifacts):\n{text[-3000:]}"
-    for name in ("startup", "footprint", "reclaim", "replay"):
+    for name in ("startup", "footprint", "reclaim", "runtime", "replay"):
         result = json.loads((out / f"{name}.json").read_text())
         assert result["provenance"]["command"] == "make bench QUICK=1"
         assert result["provenance"]["accel"] == artifacts.accel
     replay = json.loads((out / "replay.json").read_text())
-    for mode in ("mcpv-czone", "scpv-template", "scpv-snapshot"):
+    for mode in ("mcpv-czone", "mcpv-virtio-mem", "mcpv-balloon", "scpv-template",
+                 "scpv-snapshot"):
         summary = replay["modes"][mode]["summary"]
         assert summary["invocations"] == replay["events"] > 0
         assert summary["failed"] == 0, (mode, summary)
@@ -44,6 +45,9 @@ def test_quick_bench_writes_json_plots_and_report(artifacts, tmp_path: Path) -> 
     report = (out / "REPORT.md").read_text()
     assert "Scenarios not run" not in report
     assert f"accelerator **{artifacts.accel}**" in report
-    for png in ("memory-over-time.png", "startup-cdf.png", "reclaim.png", "footprint.png"):
+    runtime = json.loads((out / "runtime.json").read_text())["summary"]
+    assert runtime["median_ratio"] > 0, runtime
+    for png in ("memory-over-time.png", "startup-cdf.png", "reclaim.png", "footprint.png",
+                "runtime-overhead.png"):
         assert (out / png).stat().st_size > 1000, png
         assert f"({png})" in report
