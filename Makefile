@@ -29,13 +29,13 @@ image: kernel
 demo: all
 	scripts/demo.sh
 
-test: all
+test: all kernel-stock
 	$(VENV)/bin/pytest -ra tests/unit tests/device tests/vm $(PYTEST_ARGS)
 
 test-unit: deps
 	$(VENV)/bin/pytest -ra tests/unit $(PYTEST_ARGS)
 
-test-vm: all
+test-vm: all kernel-stock
 	$(VENV)/bin/pytest -ra -m vm tests/vm $(PYTEST_ARGS)
 
 bench: all kernel-stock
