@@ -19,12 +19,14 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from czone import accel as accel_mod
-from czone import artifacts, hostmem, recovery, template
+from czone import artifacts, hostmem, migrate, recovery, template
 from czone.errors import CZoneError
 from czone.functions import FUNCTIONS, memory_for
 from czone.guest.runtime import AgentError, AgentLost, RuntimeAgent
@@ -37,9 +39,11 @@ from czone.qemu.cmdline import (
     LINUX_MEMORY_BLOCK_MIB,
     MEMORY_DEVICE_ID,
     VmSpec,
+    build_argv,
+    migration_destination,
     qmp_socket_path,
 )
-from czone.qemu.machine import Machine, kill_strays
+from czone.qemu.machine import Machine, kill_strays, tail
 from czone.state import (
     CtrRecord,
     StateDB,
@@ -53,7 +57,7 @@ from czone.state import (
 )
 from czone.template import guest_id
 from czone.vmboot import BOOT_TIMEOUT, boot_machine
-from czone.vmspec import spec_for
+from czone.vmspec import load_spec, save_spec, spec_for
 
 RUN_MODES: tuple[Mode, ...] = ("mcpv", "scpv-template", "scpv-snapshot")
 # ZONE_MOVABLE beyond the container's cap in an SCPV VM: page cache and the
@@ -69,6 +73,9 @@ BLOCK_MIB = 2
 WAIT_VM_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 120.0
 TEMPLATE_LOCK_TIMEOUT = 600.0
+MIGRATE_TIMEOUT = 600.0
+# After the hand-over: the guest's SSH through the destination's forward.
+MIGRATE_SSH_TIMEOUT = 120.0
 DEVICE = MEMORY_DEVICE_ID["czone"]
 
 Progress = Callable[[str], None]
@@ -88,6 +95,27 @@ class RunResult:
     booted: bool
     guest: dict[str, Any] = field(default_factory=dict)
     warmup: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MigrateResult:
+    vm: str
+    src_pid: int
+    dst_pid: int
+    ssh_port: int | None
+    run_dir: str
+    total_s: float
+    # QEMU's own account of the migration (the source's query-migrate).
+    downtime_ms: int | None
+    ram: dict[str, Any]
+    # The device memory's RSS (its memfd) from the host's view: the source
+    # before and after (paused, before it quits), the destination after.
+    src_device_rss: int | None
+    src_device_rss_after: int | None
+    dst_device_rss: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -199,6 +227,7 @@ class Service:
             raise
         # Let go of the launch monitor before the record says "up".
         machine.close()
+        save_spec(spec)
         self.db.mark_up(spec.name, machine.pid, machine.proc_start)  # type: ignore[arg-type]
         self.progress(f"{spec.name} is up after {times['ssh_ready_s']:.1f}s")
 
@@ -230,6 +259,102 @@ class Service:
             conn.execute("DELETE FROM vms WHERE name=?", (name,))
         shutil.rmtree(rec.run_dir, ignore_errors=True)
         return what
+
+    def migration_plan(self, name: str) -> tuple[VmRecord, VmSpec, VmSpec]:
+        """VM ``name``'s record, the spec its QEMU runs, and the spec of a
+        destination to migrate it to: the same, with ``-incoming defer``, a
+        run dir and an SSH port of its own (``vm migrate --dry-run``)."""
+        rec = self.db.running(name)
+        if rec.mode not in (None, "mcpv"):
+            raise ServiceError(f"VM {name!r} is an SCPV VM ({rec.mode}); only MCPV and "
+                               "plain VMs migrate")
+        spec = load_spec(Path(rec.run_dir))
+        if spec is None:
+            raise ServiceError(f"VM {name!r} was booted by a czonectl that kept no spec of it "
+                               f"(no {rec.run_dir}/spec.json); it cannot migrate")
+        try:
+            proc = psutil.Process(rec.pid)
+            live, exe = proc.cmdline(), proc.exe()
+        except psutil.Error as e:
+            raise ServiceError(f"VM {name!r}: cannot read QEMU pid {rec.pid}: {e}") from None
+        if live != build_argv(spec):
+            raise ServiceError(f"VM {name!r}: QEMU pid {rec.pid} does not run the command "
+                               f"line of {rec.run_dir}/spec.json; not migrating")
+        # The destination must run the very build the source runs.
+        if not spec.qemu.exists() or not os.path.samefile(exe, spec.qemu):
+            raise ServiceError(f"VM {name!r}: its QEMU build {spec.qemu} is gone or was "
+                               f"replaced since the VM started ({exe}); the destination "
+                               "cannot run it")
+        run_dir = self.db.vm_dir(name).with_name(f"{name}.{secrets.token_hex(3)}")
+        return rec, spec, migration_destination(spec, run_dir, free_port())
+
+    def vm_migrate(self, name: str, timeout: float = MIGRATE_TIMEOUT,
+                   max_bandwidth: int = migrate.MAX_BANDWIDTH) -> MigrateResult:
+        """Live-migrate VM ``name`` into a new QEMU process on this host, at up
+        to ``max_bandwidth`` bytes/s; its record (pid, QMP socket, run dir,
+        SSH port) follows.  A migration that fails leaves the source running
+        the guest and kills the destination."""
+        self.reconcile()
+        rec, spec, dst_spec = self.migration_plan(name)
+        self.progress(f"migrating {name} from QEMU pid {rec.pid} to a new QEMU in "
+                      f"{dst_spec.run_dir}")
+        # Its SSH connection goes with the source's user network.
+        self._drop_agent(name)
+        src = self.machine(rec)
+        dst = Machine(dst_spec, ssh_key=Path(rec.ssh_key) if rec.ssh_key else None)
+        src_rss = self._measure(self._device_rss, rec) if spec.memory_mode == "czone" else None
+        t0 = time.monotonic()
+        try:
+            dst.launch()
+            info = migrate.run(src, dst, migrate.start_incoming(dst), timeout, max_bandwidth)
+            src_after = (hostmem.mapping_rss(rec.pid, DEVICE_MEMFD)
+                         if src_rss is not None else None)
+            save_spec(dst_spec)
+        except BaseException as e:
+            self._migration_failed(name, rec, src, dst, e)
+            raise
+        # The hand-over: the record follows the destination, then the source goes.
+        assert dst.pid is not None and dst.proc_start is not None
+        self.db.set_vm(name, pid=dst.pid, proc_start=dst.proc_start,
+                       qmp_socket=str(qmp_socket_path(dst_spec.run_dir)),
+                       run_dir=str(dst_spec.run_dir), ssh_port=dst_spec.ssh_port)
+        total = time.monotonic() - t0
+        src.shutdown(timeout=10.0)
+        shutil.rmtree(rec.run_dir, ignore_errors=True)
+        try:
+            if dst_spec.ssh_port is not None and rec.ssh_key:
+                dst.wait_ssh(MIGRATE_SSH_TIMEOUT).close()
+        finally:
+            dst.close()
+        new = self.db.get(name)
+        dst_rss = self._measure(self._device_rss, new) if src_rss is not None else None
+        self.progress(f"{name} migrated to QEMU pid {dst.pid} in {total:.1f}s")
+        return MigrateResult(name, rec.pid, dst.pid, dst_spec.ssh_port, str(dst_spec.run_dir),
+                             total, info.get("downtime"), info.get("ram", {}), src_rss,
+                             src_after, dst_rss)
+
+    @staticmethod
+    def _device_rss(pid: int) -> int:
+        return hostmem.stable_mapping_rss(pid, DEVICE_MEMFD)
+
+    def _migration_failed(self, name: str, rec: VmRecord, src: Machine, dst: Machine,
+                          err: BaseException) -> None:
+        """Kill the destination, make sure the source runs on; raise what the
+        user needs to know if the error was ours (others propagate as they are)."""
+        dst.kill()
+        said = [line for line in tail(dst.qemu_log, 5).splitlines() if line.strip()]
+        why = f"{err}" + (f"; the destination said: {said[-1].strip()}" if said else "")
+        shutil.rmtree(dst.run_dir, ignore_errors=True)
+        try:
+            migrate.rescue_source(src)
+        except CZoneError as e:
+            raise ServiceError(f"VM {name!r}: the migration failed ({why}) and the source, "
+                               f"QEMU pid {rec.pid}, did not resume: {e}") from None
+        finally:
+            src.close()
+        if isinstance(err, CZoneError):
+            raise ServiceError(f"VM {name!r} did not migrate and runs on in QEMU pid "
+                               f"{rec.pid}: {why}") from None
 
     # -- the agent in a VM ---------------------------------------------------
 
@@ -294,15 +419,19 @@ class Service:
     # -- containers ----------------------------------------------------------
 
     def run(self, fn: str, mode: Mode = "mcpv", memory_mib: int | None = None,
-            payload: Any = None) -> RunResult:
+            payload: Any = None, args: list[str] | None = None) -> RunResult:
         """Start a container of ``fn``; its startup latency runs from this call
-        to the first answer of a warm-up invocation."""
+        to the first answer of a warm-up invocation.  ``args`` replaces the
+        container's command (which must end up serving ``fn``; not with
+        scpv-snapshot, whose container is already running)."""
         t0 = time.monotonic()
         if fn not in FUNCTIONS:
             raise ServiceError(f"unknown function {fn!r} (known: {', '.join(FUNCTIONS)})")
         if mode not in RUN_MODES:
             raise ServiceError(f"mode {mode!r} is not available (use one of "
                                f"{', '.join(RUN_MODES)})")
+        if args and mode == "scpv-snapshot":
+            raise ServiceError("an scpv-snapshot container runs its snapshot's command")
         memory_mib = memory_mib or memory_for(fn)
         self.accel()  # a first-time KVM probe must not run under the store's lock
         self.reconcile()
@@ -324,7 +453,7 @@ class Service:
             if mode == "scpv-snapshot":
                 guest = {"czone": self.ask(vm, lambda a: a.list())[0]["czone"]}
             else:
-                guest = self.ask(vm, lambda a: a.start(gid, fn, memory_mib), retry=False)
+                guest = self.ask(vm, lambda a: a.start(gid, fn, memory_mib, args), retry=False)
             warm = self.ask(vm, lambda a: a.invoke(gid, payload))
         except BaseException:
             self._forget_failed(ctr_id, vm, mode, gid)
