@@ -232,15 +232,51 @@ async def stats_vq_off_check():
     await stop(proc, qmp)
 
 
-async def wait_migrated(qmp, what):
+async def migration_ended(qmp):
     """Poll query-migrate (no events asked for) until it has ended."""
     for _ in range(300):
         st = await qmp.execute("query-migrate")
         if st.get("status") in ("completed", "failed", "cancelled"):
             break
         await asyncio.sleep(0.1)
+    return st
+
+
+async def wait_migrated(qmp, what):
+    st = await migration_ended(qmp)
     check(st.get("status") == "completed", f"{what}: {st}")
     return st
+
+
+async def refused_with_return_path():
+    """As czonectl migrates (return-path on both sides): a destination that
+    refuses the device state fails the migration on the source, which runs on."""
+    sock = os.path.join(tempfile.mkdtemp(), "mig.sock")
+    caps = {"capabilities": [{"capability": "return-path", "state": True}]}
+    dproc, dqmp = await start(czone_args(block="4M") + ["-incoming", "defer"])
+    await dqmp.execute("migrate-set-capabilities", caps)
+    await dqmp.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+    sproc, sqmp = await start(czone_args())
+    await sqmp.execute("cont")
+    await sqmp.execute("migrate-set-capabilities", caps)
+    await sqmp.execute("migrate", {"uri": f"unix:{sock}"})
+    st = await migration_ended(sqmp)
+    try:
+        rc = dproc.wait(30)
+    except subprocess.TimeoutExpired:
+        rc = None
+    for _ in range(50):
+        run = (await sqmp.execute("query-status"))["status"]
+        if run == "running":
+            break
+        await asyncio.sleep(0.1)
+    check(st.get("status") == "failed" and rc not in (0, None) and run == "running",
+          f"refused with return-path: source migration {st.get('status')}, "
+          f"source {run}, destination exited {rc}")
+    await stop(sproc, sqmp)
+    if dproc.poll() is None:
+        dproc.kill()
+        dproc.wait()
 
 
 def load_refused(extra, state, expect, what):
@@ -294,6 +330,7 @@ async def migration_checks():
     load_refused(czone_args(extra=",memaddr=0x140000000"), state,
                  "'memaddr' changed from 0x100000000 to 0x140000000",
                  "another region address refused")
+    await refused_with_return_path()
     # The RAM section comes first and catches a region of another size.
     load_refused(czone_args(size="2G"), state,
                  "Size mismatch: 0000:00:01.0/cz0: 0x40000000 != 0x80000000",
