@@ -12,6 +12,7 @@ before, and what QEMU sent is the memory in use, not the device's maximum.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from czone.qemu.machine import own_qemu_processes
 from czone.service import DEVICE, MCPV_DEVICE_MIB, VM_BOOT_MIB, Service, ServiceError
 from czone.state import StateDB
 from tests.vm.conftest import REPO
+from tests.vm.test_vm_cli import czonectl
 
 pytestmark = pytest.mark.vm
 
@@ -254,7 +256,16 @@ def test_a_migration_that_fails_midway_leaves_the_source_running(svc: Service) -
     assert reply["ok"] and reply["result"] == EXPECTED["result"], reply
     assert verify_data(svc, vm, first.id) == 32
 
-    # And it can still migrate.
-    res = svc.vm_migrate(vm)
-    assert svc.db.get(vm).pid == res.dst_pid
+    # And it can still migrate, with czonectl as users run it.
+    env = {**os.environ, "CZONE_RUN": str(root)}
+    dry = czonectl(env, "vm", "migrate", vm, "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.rstrip().endswith("-incoming defer"), dry
+    out = czonectl(env, "vm", "migrate", vm, "--json", timeout=600)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert svc.db.get(vm).pid == res["dst_pid"] != before.pid
+    inv = czonectl(env, "invoke", first.id)
+    assert inv.returncode == 0 and json.loads(inv.stdout) == EXPECTED["result"], inv
+    [row] = json.loads(czonectl(env, "ps", "--json").stdout)
+    assert (row["id"], row["czone"], row["state"]) == (first.id, first.czone, "running")
     assert verify_data(svc, vm, first.id) == 32
