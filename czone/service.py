@@ -106,6 +106,7 @@ class MigrateResult:
     run_dir: str
     total_s: float
     # QEMU's own account of the migration (the source's query-migrate).
+    total_time_ms: int | None
     downtime_ms: int | None
     ram: dict[str, Any]
     # The device memory's RSS (its memfd) from the host's view: the source
@@ -330,7 +331,8 @@ class Service:
         dst_rss = self._measure(self._device_rss, new) if src_rss is not None else None
         self.progress(f"{name} migrated to QEMU pid {dst.pid} in {total:.1f}s")
         return MigrateResult(name, rec.pid, dst.pid, dst_spec.ssh_port, str(dst_spec.run_dir),
-                             total, info.get("downtime"), info.get("ram", {}), src_rss,
+                             total, info.get("total-time"), info.get("downtime"),
+                             info.get("ram", {}), src_rss,
                              src_after, dst_rss)
 
     @staticmethod

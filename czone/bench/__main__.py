@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from czone.bench import boot, kernel, reclaim, report, startup
+from czone.bench import boot, kernel, migrate, reclaim, report, startup
 from czone.errors import CZoneError
 
 SCENARIOS = {"boot": boot.run, "kernel": kernel.run_all, "reclaim": reclaim.run,
-             "startup": startup.run_startup, "footprint": startup.run_footprint}
+             "startup": startup.run_startup, "footprint": startup.run_footprint,
+             "migrate": migrate.run}
 
 
 def main(argv: list[str]) -> int:
