@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import random
 import secrets
@@ -297,6 +298,25 @@ class Service:
         the guest and kills the destination."""
         self.reconcile()
         rec, spec, dst_spec = self.migration_plan(name)
+        marker = self.db.migration_marker(name)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        me = os.getpid()
+        try:
+            # O_EXCL: one migration of a VM at a time (reconcile removed a dead owner's).
+            with open(marker, "x") as f:
+                json.dump({"owner_pid": me, "owner_start": process_start(me),
+                           "src_run_dir": rec.run_dir,
+                           "dst_run_dir": str(dst_spec.run_dir)}, f)
+        except FileExistsError:
+            raise ServiceError(f"VM {name!r} is being migrated by another czonectl "
+                               f"({marker})") from None
+        try:
+            return self._migrate(name, rec, spec, dst_spec, timeout, max_bandwidth)
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def _migrate(self, name: str, rec: VmRecord, spec: VmSpec, dst_spec: VmSpec,
+                 timeout: float, max_bandwidth: int) -> MigrateResult:
         self.progress(f"migrating {name} from QEMU pid {rec.pid} to a new QEMU in "
                       f"{dst_spec.run_dir}")
         # Its SSH connection goes with the source's user network.

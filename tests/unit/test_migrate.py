@@ -3,6 +3,8 @@ refusals, and what a failed migration does to the source (a fake monitor)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -173,3 +175,18 @@ def test_a_source_that_stays_down_is_an_error(monkeypatch: pytest.MonkeyPatch) -
     src = FakeSource("failed", ["shutdown"])
     with pytest.raises(migrate.MigrationError, match="did not resume"):
         migrate.rescue_source(src)  # type: ignore[arg-type]
+
+
+def test_one_migration_of_a_vm_at_a_time(live) -> None:  # noqa: ANN001
+    spec, proc, _ = live
+    save_spec(spec)
+    add_vm("vm0", spec, proc.pid)
+    marker = StateDB().migration_marker("vm0")
+    marker.parent.mkdir(parents=True)
+    me = os.getpid()
+    marker.write_text(json.dumps({"owner_pid": me, "owner_start": process_start(me),
+                                  "src_run_dir": str(spec.run_dir),
+                                  "dst_run_dir": str(spec.run_dir) + ".x"}))
+    r = run("vm", "migrate", "vm0")
+    assert r.exit_code == 1 and "is being migrated by another czonectl" in r.output, r.output
+    assert marker.exists(), "a live owner's marker stays"

@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -31,7 +32,7 @@ from czone.qemu.machine import own_qemu_processes
 from czone.service import DEVICE, MCPV_DEVICE_MIB, VM_BOOT_MIB, Service, ServiceError
 from czone.state import StateDB
 from tests.vm.conftest import REPO
-from tests.vm.test_vm_cli import czonectl
+from tests.vm.test_vm_cli import CZONECTL, czonectl
 
 pytestmark = pytest.mark.vm
 
@@ -268,4 +269,41 @@ def test_a_migration_that_fails_midway_leaves_the_source_running(svc: Service) -
     assert inv.returncode == 0 and json.loads(inv.stdout) == EXPECTED["result"], inv
     [row] = json.loads(czonectl(env, "ps", "--json").stdout)
     assert (row["id"], row["czone"], row["state"]) == (first.id, first.czone, "running")
+    assert verify_data(svc, vm, first.id) == 32
+
+
+def test_czonectl_killed_during_a_migration_is_settled_by_the_next_command(
+        svc: Service) -> None:
+    first = svc.run(FN, args=with_data(32, False))
+    vm = first.vm
+    before = svc.db.get(vm)
+    root = svc.db.root
+    env = {**os.environ, "CZONE_RUN": str(root)}
+    proc = subprocess.Popen([CZONECTL, "vm", "migrate", vm, "--max-bandwidth", "16"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("-incoming" in p.cmdline() for p in own_qemu_processes(root)):
+            assert time.monotonic() < deadline and proc.poll() is None, "no destination"
+            time.sleep(0.02)
+        time.sleep(2)  # pages are on their way
+        assert proc.poll() is None, "the migration ended before the kill"
+        proc.kill()
+    finally:
+        proc.wait(30)
+    assert svc.db.migration_marker(vm).exists()
+    assert len(own_qemu_processes(root)) == 2
+
+    # The next command (ps) reconciles: the destination goes, the source runs on.
+    out = czonectl(env, "ps", "--json")
+    assert out.returncode == 0, out.stderr
+    assert "a migration was cut short; the destination's 1 QEMU process(es) killed" \
+        in out.stderr, out.stderr
+    assert not svc.db.migration_marker(vm).exists()
+    assert [p.pid for p in own_qemu_processes(root)] == [before.pid]
+    assert [d.name for d in (root / "vms").iterdir()] == [vm]
+    assert svc.db.get(vm).pid == before.pid
+    reply, _ = svc.invoke(first.id)
+    assert reply["ok"] and reply["result"] == EXPECTED["result"], reply
     assert verify_data(svc, vm, first.id) == 32
