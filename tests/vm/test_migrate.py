@@ -307,3 +307,86 @@ def test_czonectl_killed_during_a_migration_is_settled_by_the_next_command(
     reply, _ = svc.invoke(first.id)
     assert reply["ok"] and reply["result"] == EXPECTED["result"], reply
     assert verify_data(svc, vm, first.id) == 32
+
+
+def churning(seconds: int) -> list[str]:
+    """A container command: a child writes 1 MiB files, deletes half of them
+    and older rounds, for ``seconds``, then records the checksums of what is
+    left in /sums.json; the container serves ``FN`` meanwhile."""
+    script = f"""
+import hashlib, json, os, time
+os.makedirs("/data")
+if os.fork() == 0:
+    end, i = time.time() + {seconds}, 0
+    while time.time() < end:
+        for k in range(4):
+            with open(f"/data/{{i}}-{{k}}", "wb") as f:
+                f.write(os.urandom(1 << 20))
+        for k in (0, 2):
+            os.unlink(f"/data/{{i}}-{{k}}")
+        for k in (1, 3):
+            if i >= 8:
+                os.unlink(f"/data/{{i - 8}}-{{k}}")
+        i += 1
+        time.sleep(0.2)
+    sums = {{n: hashlib.sha256(open("/data/" + n, "rb").read()).hexdigest()
+            for n in os.listdir("/data")}}
+    with open("/sums.tmp", "w") as f:
+        json.dump(sums, f)
+    os.rename("/sums.tmp", "/sums.json")
+    os._exit(0)
+os.execv({SERVER[0]!r}, {SERVER!r})
+"""
+    return ["/usr/bin/python3", "-c", script]
+
+
+def test_the_guest_writes_frees_and_reclaims_during_the_migration(svc: Service) -> None:
+    """Pages hinted free (holes, discards) that the guest writes again during
+    the migration must arrive: dirty logging covers their reuse."""
+    quiet = svc.run(FN, args=with_data(16, True))
+    vm = quiet.vm
+    svc.vm_reclaim(vm, czone=quiet.czone)
+    churn = svc.run(FN, args=churning(40))
+    failure: list[BaseException] = []
+    result = []
+
+    def migrate() -> None:
+        try:
+            result.append(Service(db=svc.db).vm_migrate(vm, max_bandwidth=48 * MiB))
+        except BaseException as e:  # noqa: BLE001 (handed to the test thread)
+            failure.append(e)
+
+    t = threading.Thread(target=migrate)
+    t.start()
+    reclaims = 0
+    other = Service(db=svc.db)
+    try:
+        # DISCARDs (and UNPLUGs of emptied chunks) while the migration runs,
+        # through the agent: the migration holds the source's monitor.
+        while t.is_alive():
+            try:
+                other.ask(vm, lambda a: a.reclaim(churn.id), retry=False)
+                reclaims += 1
+            except ServiceError:
+                pass  # the source's forward closed: the hand-over
+            time.sleep(0.3)
+    finally:
+        t.join(300)
+        other.close()
+    assert not failure, failure
+    assert reclaims >= 2, f"only {reclaims} reclaims during the migration"
+    print(f"{reclaims} reclaims during a migration of {result[0].total_s:.1f}s: "
+          f"{result[0].ram}")
+    # The churn goes on on the destination, then records what it kept.
+    rec = svc.db.get(vm)
+    deadline = time.monotonic() + 120
+    pid = min({c["id"]: c for c in svc.ask(vm, lambda a: a.list())}[churn.id]["pids"])
+    with SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key)) as ssh:
+        while ssh.run(f"test -e /proc/{pid}/root/sums.json").rc:
+            assert time.monotonic() < deadline, "the churn never finished"
+            time.sleep(1)
+    assert verify_data(svc, vm, churn.id) == 16
+    assert verify_data(svc, vm, quiet.id) == 8
+    for r in (quiet, churn):
+        reply, _ = svc.invoke(r.id)
+        assert reply["ok"] and reply["result"] == EXPECTED["result"], (r.id, reply)
