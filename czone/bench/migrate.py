@@ -15,6 +15,7 @@ ratios of the medians.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -109,6 +110,7 @@ def run() -> dict[str, Any]:
         finally:
             svc.close()
             _teardown(svc)
+            shutil.rmtree(root, ignore_errors=True)
     kernel, image, qemu = svc.builds
     result |= {"kernel": kernel.release, "image": image.version, "qemu": str(qemu),
                "accel": svc.accel(probe=False)[0]}
