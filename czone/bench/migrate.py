@@ -107,13 +107,13 @@ def run() -> dict[str, Any]:
         svc = _service(root)
         try:
             result["runs"][mode] = _migrations(svc, setup(svc))
+            result["accel"] = svc.accel(probe=False)[0]
         finally:
             svc.close()
             _teardown(svc)
             shutil.rmtree(root, ignore_errors=True)
     kernel, image, qemu = svc.builds
-    result |= {"kernel": kernel.release, "image": image.version, "qemu": str(qemu),
-               "accel": svc.accel(probe=False)[0]}
+    result |= {"kernel": kernel.release, "image": image.version, "qemu": str(qemu)}
     rows, med = [], {}
     for mode, runs in result["runs"].items():
         sent = [r["sent_bytes"] / MiB for r in runs]
