@@ -40,7 +40,7 @@ def reconcile(svc: Service) -> list[str]:
       is killed and the source made to run; after it, the source is killed.
     """
     done: list[str] = []
-    for marker in sorted(svc.db.migration_marker("x").parent.glob("*.json")):
+    for marker in svc.db.migration_markers():
         done += _settle_migration(svc, marker)
     for vm in svc.db.list():
         if vm.state == "starting" and live_process(vm.pid, vm.proc_start) is None:

@@ -301,15 +301,19 @@ class Service:
         marker = self.db.migration_marker(name)
         marker.parent.mkdir(parents=True, exist_ok=True)
         me = os.getpid()
+        tmp = marker.with_suffix(f".{me}.tmp")
+        tmp.write_text(json.dumps({"owner_pid": me, "owner_start": process_start(me),
+                                   "src_run_dir": rec.run_dir,
+                                   "dst_run_dir": str(dst_spec.run_dir)}))
         try:
-            # O_EXCL: one migration of a VM at a time (reconcile removed a dead owner's).
-            with open(marker, "x") as f:
-                json.dump({"owner_pid": me, "owner_start": process_start(me),
-                           "src_run_dir": rec.run_dir,
-                           "dst_run_dir": str(dst_spec.run_dir)}, f)
+            # Complete and exclusive: one migration of a VM at a time
+            # (reconcile has removed a dead owner's marker).
+            os.link(tmp, marker)
         except FileExistsError:
             raise ServiceError(f"VM {name!r} is being migrated by another czonectl "
                                f"({marker})") from None
+        finally:
+            tmp.unlink()
         try:
             return self._migrate(name, rec, spec, dst_spec, timeout, max_bandwidth)
         finally:

@@ -147,6 +147,9 @@ class StateDB:
         does; one left by a dead owner is settled by ``reconcile``."""
         return self.root / "migrations" / f"{name}.json"
 
+    def migration_markers(self) -> list[Path]:
+        return sorted((self.root / "migrations").glob("*.json"))
+
     def _connect(self) -> sqlite3.Connection:
         try:
             return self._open()
