@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from czone import accel as accel_mod
-from czone import artifacts
+from czone import artifacts, migrate
 from czone.cli_mem import vm_mem, vm_reclaim, vm_resize
 from czone.cli_replay import replay
 from czone.cli_run import COMMANDS
@@ -197,6 +197,34 @@ def vm_down(name: str, timeout: float) -> None:
     """Stop a VM and remove its record."""
     what = Service().vm_down(name, timeout)
     click.echo(f"VM {name} {what}")
+
+
+@vm.command("migrate")
+@click.argument("name")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds the migration may take before it is cancelled.")
+@click.option("--dry-run", is_flag=True, help="Print the destination's QEMU command line "
+                                             "and exit.")
+@click.option("--max-bandwidth", "bandwidth_mib", type=click.IntRange(min=1),
+              default=migrate.MAX_BANDWIDTH >> 20, show_default=True,
+              help="MiB/s the migration may use.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def vm_migrate(name: str, timeout: float, dry_run: bool, bandwidth_mib: int,
+               as_json: bool) -> None:
+    """Live-migrate a running VM into a new QEMU process on this host; its
+    containers keep running.  If the migration fails, the VM runs on where it was."""
+    with Service(progress=lambda m: click.echo(m, err=True)) as svc:
+        if dry_run:
+            click.echo(shlex.join(build_argv(svc.migration_plan(name)[2])))
+            return
+        res = svc.vm_migrate(name, timeout, bandwidth_mib << 20)
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+        return
+    sent = res.ram.get("transferred", 0) / (1 << 20)
+    click.echo(f"VM {name} migrated: QEMU pid {res.src_pid} -> {res.dst_pid} in "
+               f"{res.total_s:.1f}s (downtime {res.downtime_ms} ms), {sent:.0f} MiB sent, "
+               f"ssh port {res.ssh_port}")
 
 
 def _qemu_version(qemu: Path) -> str:

@@ -4,14 +4,24 @@ of the service layer runs ``reconcile`` first."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from czone import bridge
+from czone import bridge, migrate
 from czone.errors import CZoneError
 from czone.placement import MCPV_MODES
 from czone.qemu.machine import kill_strays
-from czone.state import CtrRecord, VmRecord, ctrs_in, live_process, status, vms_in
+from czone.state import (
+    CtrRecord,
+    VmRecord,
+    ctrs_in,
+    live_process,
+    pid_matches,
+    status,
+    vms_in,
+)
 from czone.template import guest_id
 
 if TYPE_CHECKING:
@@ -29,8 +39,12 @@ def reconcile(svc: Service) -> list[str]:
       was being stopped); absent -> lost or removed;
     - a dead bridged VM's tap is deleted, and a namespace of ours that no
       live VM uses goes, bridge and all (``reconcile_net``).
+    - a migration whose owner died: before the hand-over, the destination
+      is killed and the source made to run; after it, the source is killed.
     """
     done: list[str] = []
+    for marker in svc.db.migration_markers():
+        done += _settle_migration(svc, marker)
     for vm in svc.db.list():
         if vm.state == "starting" and live_process(vm.pid, vm.proc_start) is None:
             strays = kill_strays(Path(vm.run_dir))
@@ -110,3 +124,37 @@ def reconcile_net(svc: Service) -> list[str]:
             if all(status(v) == "dead" for v in vms) and ns.remove():
                 done.append(f"network namespace {name} removed: no live VM uses it")
     return done
+
+
+def _settle_migration(svc: Service, marker: Path) -> list[str]:
+    """A migration marker (``Service.vm_migrate``) whose owner died midway."""
+    name = marker.stem
+    try:
+        m = json.loads(marker.read_text())
+        if pid_matches(m["owner_pid"], m["owner_start"]):
+            return []
+        src, dst = Path(m["src_run_dir"]), Path(m["dst_run_dir"])
+    except FileNotFoundError:
+        return []  # its owner finished meanwhile
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        marker.unlink(missing_ok=True)
+        return [f"VM {name}: unreadable migration marker removed ({e})"]
+    rec = next((v for v in svc.db.list() if v.name == name), None)
+    if rec is not None and Path(rec.run_dir) == dst:
+        # Handed over: what is left of the source goes.
+        what = f"the source's {kill_strays(src)} QEMU process(es) killed"
+        shutil.rmtree(src, ignore_errors=True)
+    else:
+        what = f"the destination's {kill_strays(dst)} QEMU process(es) killed"
+        shutil.rmtree(dst, ignore_errors=True)
+        if rec is not None and status(rec) == "running":
+            machine = svc.machine(rec)
+            try:
+                state = migrate.rescue_source(machine)
+                what += f"; the VM runs on in its source ({state})"
+            except CZoneError as e:
+                what += f"; the source did not resume: {e}"
+            finally:
+                machine.close()
+    marker.unlink(missing_ok=True)
+    return [f"VM {name}: a migration was cut short; {what}"]

@@ -13,18 +13,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import random
 import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from czone import accel as accel_mod
-from czone import artifacts, bridge, hostmem, netplan, recovery, template
+from czone import artifacts, bridge, hostmem, migrate, netplan, recovery, template
 from czone.errors import CZoneError
 from czone.functions import FUNCTIONS, memory_for
 from czone.guest.runtime import AgentError, AgentLost, RuntimeAgent
@@ -38,9 +41,11 @@ from czone.qemu.cmdline import (
     MEMORY_DEVICE_ID,
     TapNic,
     VmSpec,
+    build_argv,
+    migration_destination,
     qmp_socket_path,
 )
-from czone.qemu.machine import Machine, kill_strays
+from czone.qemu.machine import Machine, kill_strays, tail
 from czone.state import (
     CtrRecord,
     StateDB,
@@ -54,7 +59,7 @@ from czone.state import (
 )
 from czone.template import guest_id
 from czone.vmboot import BOOT_TIMEOUT, boot_machine
-from czone.vmspec import spec_for
+from czone.vmspec import load_spec, save_spec, spec_for
 
 RUN_MODES: tuple[Mode, ...] = ("mcpv", "mcpv-virtio-mem", "mcpv-balloon", "scpv-template",
                                "scpv-snapshot")
@@ -72,6 +77,9 @@ BLOCK_MIB = 2
 WAIT_VM_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 120.0
 TEMPLATE_LOCK_TIMEOUT = 600.0
+MIGRATE_TIMEOUT = 600.0
+# After the hand-over: the guest's SSH through the destination's forward.
+MIGRATE_SSH_TIMEOUT = 120.0
 DEVICE = MEMORY_DEVICE_ID["czone"]
 
 Progress = Callable[[str], None]
@@ -91,6 +99,28 @@ class RunResult:
     booted: bool
     guest: dict[str, Any] = field(default_factory=dict)
     warmup: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MigrateResult:
+    vm: str
+    src_pid: int
+    dst_pid: int
+    ssh_port: int | None
+    run_dir: str
+    total_s: float
+    # QEMU's own account of the migration (the source's query-migrate).
+    total_time_ms: int | None
+    downtime_ms: int | None
+    ram: dict[str, Any]
+    # The device memory's RSS (its memfd) from the host's view: the source
+    # before and after (paused, before it quits), the destination after.
+    src_device_rss: int | None
+    src_device_rss_after: int | None
+    dst_device_rss: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -277,6 +307,7 @@ class Service:
             raise
         # Let go of the launch monitor before the record says "up".
         machine.close()
+        save_spec(spec)
         self.db.mark_up(spec.name, machine.pid, machine.proc_start)  # type: ignore[arg-type]
         self.progress(f"{spec.name} is up after {times['ssh_ready_s']:.1f}s")
 
@@ -313,6 +344,126 @@ class Service:
         if rec.net == "bridge" and self._drop_netns_if_unused(rec.netns):
             what += f"; network namespace {rec.netns} removed (no bridged VM left)"
         return what
+
+    def migration_plan(self, name: str) -> tuple[VmRecord, VmSpec, VmSpec]:
+        """VM ``name``'s record, the spec its QEMU runs, and the spec of a
+        destination to migrate it to: the same, with ``-incoming defer``, a
+        run dir and an SSH port of its own (``vm migrate --dry-run``)."""
+        rec = self.db.running(name)
+        if rec.mode not in (None, "mcpv"):
+            raise ServiceError(f"VM {name!r} is an SCPV VM ({rec.mode}); only MCPV and "
+                               "plain VMs migrate")
+        spec = load_spec(Path(rec.run_dir))
+        if spec is None:
+            raise ServiceError(f"VM {name!r} was booted by a czonectl that kept no spec of it "
+                               f"(no {rec.run_dir}/spec.json); it cannot migrate")
+        try:
+            proc = psutil.Process(rec.pid)
+            live, exe = proc.cmdline(), proc.exe()
+        except psutil.Error as e:
+            raise ServiceError(f"VM {name!r}: cannot read QEMU pid {rec.pid}: {e}") from None
+        if live != build_argv(spec):
+            raise ServiceError(f"VM {name!r}: QEMU pid {rec.pid} does not run the command "
+                               f"line of {rec.run_dir}/spec.json; not migrating")
+        # The destination must run the very build the source runs.
+        if not spec.qemu.exists() or not os.path.samefile(exe, spec.qemu):
+            raise ServiceError(f"VM {name!r}: its QEMU build {spec.qemu} is gone or was "
+                               f"replaced since the VM started ({exe}); the destination "
+                               "cannot run it")
+        run_dir = self.db.vm_dir(name).with_name(f"{name}.{secrets.token_hex(3)}")
+        return rec, spec, migration_destination(spec, run_dir, free_port())
+
+    def vm_migrate(self, name: str, timeout: float = MIGRATE_TIMEOUT,
+                   max_bandwidth: int = migrate.MAX_BANDWIDTH) -> MigrateResult:
+        """Live-migrate VM ``name`` into a new QEMU process on this host, at up
+        to ``max_bandwidth`` bytes/s; its record (pid, QMP socket, run dir,
+        SSH port) follows.  A migration that fails leaves the source running
+        the guest and kills the destination."""
+        self.reconcile()
+        rec, spec, dst_spec = self.migration_plan(name)
+        marker = self.db.migration_marker(name)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        me = os.getpid()
+        tmp = marker.with_suffix(f".{me}.tmp")
+        tmp.write_text(json.dumps({"owner_pid": me, "owner_start": process_start(me),
+                                   "src_run_dir": rec.run_dir,
+                                   "dst_run_dir": str(dst_spec.run_dir)}))
+        try:
+            # Complete and exclusive: one migration of a VM at a time
+            # (reconcile has removed a dead owner's marker).
+            os.link(tmp, marker)
+        except FileExistsError:
+            raise ServiceError(f"VM {name!r} is being migrated by another czonectl "
+                               f"({marker})") from None
+        finally:
+            tmp.unlink()
+        try:
+            return self._migrate(name, rec, spec, dst_spec, timeout, max_bandwidth)
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def _migrate(self, name: str, rec: VmRecord, spec: VmSpec, dst_spec: VmSpec,
+                 timeout: float, max_bandwidth: int) -> MigrateResult:
+        self.progress(f"migrating {name} from QEMU pid {rec.pid} to a new QEMU in "
+                      f"{dst_spec.run_dir}")
+        # Its SSH connection goes with the source's user network.
+        self._drop_agent(name)
+        src = self.machine(rec)
+        dst = Machine(dst_spec, ssh_key=Path(rec.ssh_key) if rec.ssh_key else None)
+        src_rss = self._measure(self._device_rss, rec) if spec.memory_mode == "czone" else None
+        t0 = time.monotonic()
+        try:
+            dst.launch()
+            info = migrate.run(src, dst, migrate.start_incoming(dst), timeout, max_bandwidth)
+            src_after = (hostmem.mapping_rss(rec.pid, DEVICE_MEMFD)
+                         if src_rss is not None else None)
+            save_spec(dst_spec)
+        except BaseException as e:
+            self._migration_failed(name, rec, src, dst, e)
+            raise
+        # The hand-over: the record follows the destination, then the source goes.
+        assert dst.pid is not None and dst.proc_start is not None
+        self.db.set_vm(name, pid=dst.pid, proc_start=dst.proc_start,
+                       qmp_socket=str(qmp_socket_path(dst_spec.run_dir)),
+                       run_dir=str(dst_spec.run_dir), ssh_port=dst_spec.ssh_port)
+        total = time.monotonic() - t0
+        src.shutdown(timeout=10.0)
+        shutil.rmtree(rec.run_dir, ignore_errors=True)
+        try:
+            if dst_spec.ssh_port is not None and rec.ssh_key:
+                dst.wait_ssh(MIGRATE_SSH_TIMEOUT).close()
+        finally:
+            dst.close()
+        new = self.db.get(name)
+        dst_rss = self._measure(self._device_rss, new) if src_rss is not None else None
+        self.progress(f"{name} migrated to QEMU pid {dst.pid} in {total:.1f}s")
+        return MigrateResult(name, rec.pid, dst.pid, dst_spec.ssh_port, str(dst_spec.run_dir),
+                             total, info.get("total-time"), info.get("downtime"),
+                             info.get("ram", {}), src_rss,
+                             src_after, dst_rss)
+
+    @staticmethod
+    def _device_rss(pid: int) -> int:
+        return hostmem.stable_mapping_rss(pid, DEVICE_MEMFD)
+
+    def _migration_failed(self, name: str, rec: VmRecord, src: Machine, dst: Machine,
+                          err: BaseException) -> None:
+        """Kill the destination, make sure the source runs on; raise what the
+        user needs to know if the error was ours (others propagate as they are)."""
+        dst.kill()
+        said = [line for line in tail(dst.qemu_log, 5).splitlines() if line.strip()]
+        why = f"{err}" + (f"; the destination said: {said[-1].strip()}" if said else "")
+        shutil.rmtree(dst.run_dir, ignore_errors=True)
+        try:
+            migrate.rescue_source(src)
+        except CZoneError as e:
+            raise ServiceError(f"VM {name!r}: the migration failed ({why}) and the source, "
+                               f"QEMU pid {rec.pid}, did not resume: {e}") from None
+        finally:
+            src.close()
+        if isinstance(err, CZoneError):
+            raise ServiceError(f"VM {name!r} did not migrate and runs on in QEMU pid "
+                               f"{rec.pid}: {why}") from None
 
     # -- the agent in a VM ---------------------------------------------------
 
@@ -377,10 +528,13 @@ class Service:
     # -- containers ----------------------------------------------------------
 
     def run(self, fn: str, mode: Mode = "mcpv", memory_mib: int | None = None,
-            payload: Any = None, net: str = "user") -> RunResult:
+            payload: Any = None, net: str = "user",
+            args: list[str] | None = None) -> RunResult:
         """Start a container of ``fn``; its startup latency runs from this call
         to the first answer of a warm-up invocation.  ``net="bridge"`` puts it
-        in a bridged VM of its function (booting one if there is none)."""
+        in a bridged VM of its function (booting one if there is none).
+        ``args`` replaces the container's command (which must end up serving
+        ``fn``; not with scpv-snapshot, whose container is already running)."""
         t0 = time.monotonic()
         if fn not in FUNCTIONS:
             raise ServiceError(f"unknown function {fn!r} (known: {', '.join(FUNCTIONS)})")
@@ -392,6 +546,8 @@ class Service:
                 raise ServiceError(f"--net bridge is for MCPV VMs, not {mode}: every clone of "
                                    "a template would wake up with the template's address")
             bridge.preflight()
+        if args and mode == "scpv-snapshot":
+            raise ServiceError("an scpv-snapshot container runs its snapshot's command")
         memory_mib = memory_mib or memory_for(fn)
         self.accel()  # a first-time KVM probe must not run under the store's lock
         self.reconcile()
@@ -413,7 +569,7 @@ class Service:
             if mode == "scpv-snapshot":
                 guest = {"czone": self.ask(vm, lambda a: a.list())[0]["czone"]}
             else:
-                guest = self.ask(vm, lambda a: a.start(gid, fn, memory_mib,
+                guest = self.ask(vm, lambda a: a.start(gid, fn, memory_mib, args,
                                                        czone=mode == "mcpv"), retry=False)
             warm = self.ask(vm, lambda a: a.invoke(gid, payload))
         except BaseException:

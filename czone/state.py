@@ -150,6 +150,14 @@ class StateDB:
     def vm_dir(self, name: str) -> Path:
         return self.root / "vms" / name
 
+    def migration_marker(self, name: str) -> Path:
+        """Written by the czonectl that migrates VM ``name`` for as long as it
+        does; one left by a dead owner is settled by ``reconcile``."""
+        return self.root / "migrations" / f"{name}.json"
+
+    def migration_markers(self) -> list[Path]:
+        return sorted((self.root / "migrations").glob("*.json"))
+
     def _connect(self) -> sqlite3.Connection:
         try:
             return self._open()

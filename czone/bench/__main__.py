@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from czone.bench import boot, kernel, reclaim, replay, report, results, runtime, startup
+from czone.bench import boot, kernel, migrate, reclaim, replay, report, results, runtime, startup
 from czone.errors import CZoneError
 
 SCENARIOS = {"boot": boot.run, "kernel": kernel.run_all, "reclaim": reclaim.run,
              "startup": startup.run_startup, "footprint": startup.run_footprint,
-             "runtime": runtime.run, "replay": replay.run}
+             "runtime": runtime.run, "replay": replay.run,
+             "migrate": migrate.run}
 # --quick: the CI smoke test, minutes not hours; it checks that every step
 # runs and writes its report, never a speed.
 QUICK = {

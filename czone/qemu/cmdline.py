@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -145,6 +145,18 @@ def qmp_socket_path(run_dir: Path) -> Path:
 
 def qmp_launch_socket_path(run_dir: Path) -> Path:
     return run_dir / "qmp-launch.sock"
+
+
+def migration_socket_path(run_dir: Path) -> Path:
+    """Where a migration destination listens (``migrate-incoming``)."""
+    return run_dir / "migrate.sock"
+
+
+def migration_destination(spec: VmSpec, run_dir: Path, ssh_port: int | None) -> VmSpec:
+    """The destination of a live migration of ``spec``: the same VM, started
+    with ``-incoming defer``, with a run dir (sockets, logs) and an SSH
+    forward of its own, since the source holds both until it hands over."""
+    return replace(spec, run_dir=run_dir, ssh_port=ssh_port, incoming=True)
 
 
 def serial_log_path(run_dir: Path) -> Path:
