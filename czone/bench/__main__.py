@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +46,7 @@ def main(argv: list[str]) -> int:
         print(f"unknown scenario(s) {unknown}; known{' with --quick' if args.quick else ''}: "
               f"{list(table)}", file=sys.stderr)
         return 2
-    command = "make bench" + (" QUICK=1" if args.quick else "") + \
-        (f" BENCH='{' '.join(args.scenarios)}'" if args.scenarios else "")
+    command = command_line(args.quick, args.scenarios, os.environ)
     rc = 0
     for name in names:
         try:
@@ -58,6 +60,15 @@ def main(argv: list[str]) -> int:
               f"{results.save_json(args.results, name, result)}\n")
     write_report(args.results)
     return rc
+
+
+def command_line(quick: bool, scenarios: list[str], env: Mapping[str, str]) -> str:
+    """The command that reproduces this run, with the knobs it was given."""
+    knobs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())
+                     if k.startswith(("CZONE_BENCH_", "CZONE_RECLAIM_", "CZONE_REPLAY_",
+                                      "CZONE_TRACE")))
+    return ((knobs + " " if knobs else "") + "make bench" + (" QUICK=1" if quick else "")
+            + (f" BENCH='{' '.join(scenarios)}'" if scenarios else ""))
 
 
 def write_report(out: Path) -> Path:

@@ -28,3 +28,10 @@ def test_bad_bench_settings_are_one_line(monkeypatch, capsys, tmp_path):
     # the report still says what ran: nothing
     assert "Scenarios not run: startup, footprint, reclaim, runtime, replay." in \
         (tmp_path / "REPORT.md").read_text()
+
+
+def test_the_recorded_command_carries_the_knobs():
+    env = {"CZONE_REPLAY_MINUTES": "10", "CZONE_BENCH_K": "8", "HOME": "/root"}
+    assert bench_main.command_line(False, ["startup", "replay"], env) == \
+        "CZONE_BENCH_K=8 CZONE_REPLAY_MINUTES=10 make bench BENCH='startup replay'"
+    assert bench_main.command_line(True, [], {}) == "make bench QUICK=1"
