@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from czone import bridge, migrate
+from czone import bridge, libvirt_backend, migrate
 from czone.errors import CZoneError
 from czone.placement import MCPV_MODES
 from czone.qemu.machine import kill_strays
@@ -47,10 +47,16 @@ def reconcile(svc: Service) -> list[str]:
         done += _settle_migration(svc, marker)
     for vm in svc.db.list():
         if vm.state == "starting" and live_process(vm.pid, vm.proc_start) is None:
-            strays = kill_strays(Path(vm.run_dir))
+            if vm.backend == "libvirt" and vm.uri:
+                try:
+                    what = f"its domain {libvirt_backend.remove_domain(vm.uri, vm.name)}"
+                except CZoneError as e:
+                    done.append(f"VM {vm.name}: its boot was cut short; {e}")
+                    continue
+            else:
+                what = f"{kill_strays(Path(vm.run_dir))} QEMU process(es) killed"
             svc.db.set_vm(vm.name, state="dead")
-            done.append(f"VM {vm.name}: its boot was cut short; "
-                        f"{strays} QEMU process(es) killed")
+            done.append(f"VM {vm.name}: its boot was cut short; {what}")
     done += reconcile_net(svc)
     pending: dict[str, list[CtrRecord]] = {}
     # One snapshot of both tables: a VM and its first container are
