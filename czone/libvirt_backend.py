@@ -23,7 +23,7 @@ import psutil
 from czone.errors import CZoneError
 from czone.libvirt_xml import CZONE_NS, build_xml, domain_name
 from czone.qemu.cmdline import VmSpec
-from czone.qemu.machine import Machine, VmLaunchError, own_qemu_processes, tail
+from czone.qemu.machine import Machine, VmLaunchError, tail
 from czone.qemu.qmp import QmpCommandError, QmpTimeout
 
 BACKENDS = ("qemu", "libvirt")
@@ -152,6 +152,17 @@ def remove_domain(uri: str, vm: str, timeout: float = 10.0) -> str:
     return what
 
 
+def qemu_processes(uuid: str) -> list[psutil.Process]:
+    """The QEMU processes of the domain with UUID ``uuid`` on this host."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and "qemu" in Path(cmd[0]).name and any(
+                a == "-uuid" and b == uuid for a, b in zip(cmd, cmd[1:], strict=False)):
+            found.append(p)
+    return found
+
+
 class LibvirtMachine(Machine):
     """A VM as a libvirt domain at ``uri`` (see the module's doc)."""
 
@@ -218,16 +229,17 @@ class LibvirtMachine(Machine):
             raise
 
     def _find_qemu(self) -> psutil.Process:
-        """The domain's QEMU process: the one whose command line names our run
-        dir (libvirt keeps its pid file where another host could not read it)."""
+        """The domain's QEMU process (libvirt keeps its pid file where another
+        host could not read it; the domain's UUID is on QEMU's command line)."""
+        uuid = self._dom.UUIDString()
         deadline = time.monotonic() + PID_TIMEOUT
         while True:
-            procs = own_qemu_processes(self.run_dir)
+            procs = qemu_processes(uuid)
             if len(procs) == 1:
                 return procs[0]
             if time.monotonic() > deadline:
-                raise self._launch_error(f"domain {self._dom.name()} runs {len(procs)} QEMU "
-                                         f"processes in {self.run_dir}, expected one")
+                raise self._launch_error(f"domain {self._dom.name()} (uuid {uuid}) runs "
+                                         f"{len(procs)} QEMU processes here, expected one")
             time.sleep(0.1)
 
     def is_running(self) -> bool:

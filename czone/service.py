@@ -293,7 +293,12 @@ class Service:
         except UnsupportedSpec as e:
             raise ServiceError(str(e)) from None
         assert self.uri is not None
-        libvirt_backend.connect(self.uri)
+        dom = libvirt_backend.lookup(self.uri, spec.name)
+        if dom is not None:
+            whose = ("ours, but no record here has it" if libvirt_backend.is_ours(dom)
+                     else "not ours: no CZone metadata")
+            raise ServiceError(f"a domain named {dom.name()} already exists at {self.uri} "
+                               f"({whose}); refusing to touch it")
 
     def _new_machine(self, spec: VmSpec) -> Machine:
         """The Machine that boots ``spec`` on this Service's backend."""
