@@ -15,13 +15,14 @@ import json
 import queue
 import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from czone.errors import CZoneError
-from czone.libvirt_xml import CZONE_NS, build_xml, domain_name
+from czone.libvirt_xml import CZONE_NS, build_xml, domain_name, metadata
 from czone.qemu.cmdline import VmSpec
 from czone.qemu.machine import Machine, VmLaunchError, tail
 from czone.qemu.qmp import QmpCommandError, QmpTimeout
@@ -106,6 +107,37 @@ def is_ours(dom: Any) -> bool:
     except libvirt.libvirtError:
         return False
     return True
+
+
+def set_records(uri: str, vm: str, fn: str | None, mode: str | None, memory_mode: str,
+                containers: list[dict[str, Any]]) -> None:
+    """Rewrite our metadata element of VM ``vm``'s domain, live and in its
+    definition, with its CZone records."""
+    libvirt = _libvirt()
+    dom = lookup(uri, vm)
+    if dom is None or not is_ours(dom):
+        raise LibvirtError(f"no domain {domain_name(vm)} of ours at {uri}")
+    el = metadata(vm, fn, mode, memory_mode, containers)
+    for e in el.iter():  # libvirt puts the element into CZONE_NS itself
+        e.tag = e.tag.rpartition("}")[2]
+    xml = ET.tostring(el, encoding="unicode")
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    if dom.isActive():
+        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+    try:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, "czone", CZONE_NS, flags)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"domain {dom.name()} at {uri}: {e.get_error_message()}") from None
+
+
+def records(dom: Any) -> list[dict[str, Any]]:
+    """The CZone records in ``dom``'s metadata ([] if it has none)."""
+    libvirt = _libvirt()
+    try:
+        el = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CZONE_NS))
+    except libvirt.libvirtError:
+        return []
+    return list(json.loads(el.findtext("containers") or "[]"))
 
 
 def domain_status(uri: str, vm: str) -> str | None:

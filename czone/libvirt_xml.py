@@ -173,12 +173,13 @@ def qemu_args(spec: VmSpec) -> list[str]:
     return args + list(spec.extra_args)
 
 
-def metadata(spec: VmSpec, fn: str | None, mode: str | None,
+def metadata(name: str, fn: str | None, mode: str | None, memory_mode: str,
              containers: list[dict[str, Any]] | None = None) -> ET.Element:
-    """Our element in ``<metadata>``: whose domain this is, its function, mode
-    and CZone records, so that libvirt alone can say what runs where."""
-    el = ET.Element(f"{{{CZONE_NS}}}vm", {"name": spec.name})
-    for key, value in (("fn", fn), ("mode", mode), ("memory-mode", spec.memory_mode)):
+    """Our element in ``<metadata>``: whose domain this is (VM ``name``), its
+    function, mode and CZone records, so that libvirt alone can say what runs
+    where."""
+    el = ET.Element(f"{{{CZONE_NS}}}vm", {"name": name})
+    for key, value in (("fn", fn), ("mode", mode), ("memory-mode", memory_mode)):
         if value is not None:
             el.set(key, value)
     recs = ET.SubElement(el, f"{{{CZONE_NS}}}containers")
@@ -191,7 +192,7 @@ def build_xml(spec: VmSpec, fn: str | None = None, mode: str | None = None) -> s
     check_spec(spec)
     dom = ET.Element("domain", {"type": "kvm" if spec.accel == "kvm" else "qemu"})
     _sub(dom, "name", domain_name(spec.name))
-    _sub(dom, "metadata").append(metadata(spec, fn, mode))
+    _sub(dom, "metadata").append(metadata(spec.name, fn, mode, spec.memory_mode))
     _memory(dom, spec)
     _os(dom, spec)
     _features(dom, spec)

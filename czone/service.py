@@ -639,6 +639,7 @@ class Service:
             raise
         startup = time.monotonic() - t0
         self.db.set_ctr(ctr_id, state="running", czone=guest["czone"], startup_s=startup)
+        self._sync_records(vm)
         if not warm.get("ok"):
             self.progress(f"warning: the warm-up invocation of {ctr_id} failed: "
                           f"{warm.get('error')}")
@@ -868,11 +869,26 @@ class Service:
         before = self._measure(device, vm)
         guest = self.ask(vm.name, lambda a: self.kill_in_guest(a, ctr_id))
         self.db.remove_ctr(ctr_id)
+        self._sync_records(vm.name)
         if vm.mode != "mcpv":
             self._shrink(vm.name)
         after = self._measure(device, vm)
         returned = None if before is None or after is None else max(0, before - after)
         return KillResult(ctr_id, vm.name, returned, guest)
+
+    def _sync_records(self, vm: str) -> None:
+        """A libvirt VM's domain carries its CZone records (the store stays
+        the source of truth for czonectl; the domain tells anyone who asks
+        libvirt).  Best effort: the operation has happened."""
+        rec = self.db.get(vm)
+        if rec.backend != "libvirt" or rec.uri is None:
+            return
+        ctrs = [{"id": c.id, "fn": c.fn, "czone": c.czone, "memory_mib": c.memory_mib,
+                 "state": c.state} for c in self.db.ctrs() if c.vm == vm]
+        try:
+            libvirt_backend.set_records(rec.uri, vm, rec.fn, rec.mode, rec.memory_mode, ctrs)
+        except CZoneError as e:
+            self.progress(f"warning: the domain of {vm} does not list its containers: {e}")
 
     def _shrink(self, vm: str) -> None:
         """An MCPV baseline after a kill: the requested size falls to what the

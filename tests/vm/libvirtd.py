@@ -66,7 +66,9 @@ class PrivateLibvirtd:
         (self.root / "etc" / "qemu.conf").write_text(QEMU_CONF)
         mounts = "; ".join(f"mount --bind {self.root / d} {path} || exit 1"
                            for d, path in DIRS.items())
-        script = f"mkdir -p {' '.join(DIRS.values())}; {mounts}; exec libvirtd -f {conf}"
+        # Its pid file too: the default, /run/libvirtd.pid, is outside /run/libvirt.
+        script = (f"mkdir -p {' '.join(DIRS.values())}; {mounts}; "
+                  f"exec libvirtd -f {conf} -p {self.root / 'libvirtd.pid'}")
         with open(self.root / "libvirtd.out", "wb") as out:
             # unshare execs: the Popen's pid is libvirtd's.
             self.proc = subprocess.Popen(

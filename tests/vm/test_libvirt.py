@@ -130,3 +130,41 @@ def test_an_unreachable_uri_is_one_line(lv_env: dict[str, str], tmp_path: Path) 
     assert errors == [f"czonectl: error: cannot connect to libvirt at {uri}: Failed to connect "
                       f"socket to '{tmp_path}/no-such-sock': No such file or directory"]
     assert json.loads(czonectl(lv_env, "vm", "list", "--json").stdout) == []
+
+
+def test_mcpv_containers_in_a_domain(lv_env: dict[str, str], libvirtd) -> None:
+    """run/invoke/ps/stats/kill through the service layer on a libvirt VM; the
+    domain lists its CZone records; a domain destroyed behind our back loses
+    its containers."""
+    def ok(*args: str) -> str:
+        r = czonectl(lv_env, *args)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    ctr = json.loads(ok("run", "float_operation", "--backend", "libvirt", "--connect",
+                        libvirtd.uri, "--json"))
+    second = json.loads(ok("run", "float_operation", "--json"))  # placed in the same VM
+    assert second["vm"] == ctr["vm"] and not second["booted"]
+    [rec] = json.loads(ok("vm", "list", "--json"))
+    assert (rec["backend"], rec["uri"], rec["fn"]) == ("libvirt", libvirtd.uri,
+                                                       "float_operation")
+    assert json.loads(ok("invoke", ctr["id"]))["n"] > 0
+    stats = json.loads(ok("stats", "--json"))
+    assert stats[ctr["vm"]]["plugged_bytes"] > 0
+
+    dom = libvirtd.connect().lookupByName(f"czone-{ctr['vm']}")
+    meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CZONE_NS))
+    listed = {c["id"]: c for c in json.loads(meta.findtext("containers") or "[]")}
+    assert set(listed) == {ctr["id"], second["id"]}
+    assert listed[ctr["id"]]["czone"] == ctr["czone"]
+
+    ok("kill", second["id"])
+    meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CZONE_NS))
+    assert [c["id"] for c in json.loads(meta.findtext("containers") or "[]")] == [ctr["id"]]
+
+    dom.destroy()
+    [c] = json.loads(ok("ps", "--json"))
+    assert (c["id"], c["state"]) == (ctr["id"], "lost")
+    ok("kill", ctr["id"])
+    ok("vm", "down", ctr["vm"])
+    assert libvirtd.connect().listAllDomains() == []
