@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,3 +170,31 @@ def test_mcpv_containers_in_a_domain(lv_env: dict[str, str], libvirtd) -> None:
     ok("kill", ctr["id"])
     ok("vm", "down", ctr["vm"])
     assert libvirtd.connect().listAllDomains() == []
+
+
+def test_czonectl_killed_while_the_domain_boots(lv_env: dict[str, str], libvirtd) -> None:
+    """The next command asks libvirt: the half-booted domain is destroyed and
+    undefined, its container lost, and nothing is left defined."""
+    proc = subprocess.Popen([CZONECTL, "run", "float_operation", "--backend", "libvirt",
+                             "--connect", libvirtd.uri], env=lv_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conn = libvirtd.connect()
+    deadline = time.monotonic() + 120
+    while not any(d.isActive() for d in conn.listAllDomains()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no domain started"
+        time.sleep(0.1)
+    [dom] = conn.listAllDomains()
+    uuid = dom.UUIDString()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    ps = czonectl(lv_env, "ps", "--json")
+    assert ps.returncode == 0, ps.stderr
+    assert "its domain destroyed and undefined" in ps.stderr
+    [ctr] = json.loads(ps.stdout)
+    assert ctr["state"] == "lost"
+    assert conn.listAllDomains() == [] and qemu_processes(uuid) == []
+    assert czonectl(lv_env, "kill", ctr["id"]).returncode == 0
+    [rec] = json.loads(czonectl(lv_env, "vm", "list", "--json").stdout)
+    assert rec["status"] == "dead"
+    down = czonectl(lv_env, "vm", "down", rec["name"])
+    assert down.returncode == 0 and "was dead" in down.stdout, down.stderr
