@@ -90,6 +90,14 @@ class PrivateLibvirtd:
                                    f"{START_TIMEOUT:.0f}s")
             time.sleep(0.2)
 
+    def restart(self) -> None:
+        """Stop the daemon alone (its domains' QEMU processes run on) and start
+        it again on the same directories: it reattaches to them."""
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(STOP_TIMEOUT)
+        self.start()
+
     def connect(self) -> libvirt.virConnect:
         return libvirt.open(self.uri)
 

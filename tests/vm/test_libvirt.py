@@ -198,3 +198,26 @@ def test_czonectl_killed_while_the_domain_boots(lv_env: dict[str, str], libvirtd
     assert rec["status"] == "dead"
     down = czonectl(lv_env, "vm", "down", rec["name"])
     assert down.returncode == 0 and "was dead" in down.stdout, down.stderr
+
+
+def test_libvirtd_restarted_under_a_running_vm(lv_env: dict[str, str], libvirtd,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A czonectl that holds a connection across a libvirtd restart reconnects;
+    the VM and its container run on."""
+    from czone.service import Service
+
+    r = czonectl(lv_env, "run", "float_operation", "--backend", "libvirt", "--connect",
+                 libvirtd.uri, "--json")
+    assert r.returncode == 0, r.stderr
+    ctr = json.loads(r.stdout)
+    monkeypatch.setenv("CZONE_RUN", lv_env["CZONE_RUN"])
+    with Service() as svc:
+        before = svc.stats()[ctr["vm"]]
+        libvirtd.restart()
+        after = svc.stats()[ctr["vm"]]  # QMP through a new connection
+        assert after["pid"] == before["pid"]
+        assert after["plugged_bytes"] == before["plugged_bytes"] > 0
+        reply, _ = svc.invoke(ctr["id"])
+        assert reply["ok"], reply
+    assert czonectl(lv_env, "vm", "down", ctr["vm"]).returncode == 0
+    assert libvirtd.connect().listAllDomains() == []
