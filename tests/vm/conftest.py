@@ -130,7 +130,6 @@ def booted_vm(microvm_factory: MicrovmFactory) -> Machine:
 def libvirtd(request: pytest.FixtureRequest) -> Iterator[object]:
     """A private libvirtd (tests/vm/libvirtd.py), stopped afterwards with every
     domain it still had destroyed and undefined; its logs kept if the test failed."""
-    pytest.importorskip("libvirt", reason="libvirt-python is not installed (scripts/deps.sh)")
     if not shutil.which("libvirtd"):
         pytest.fail("libvirtd is not installed: run scripts/deps.sh", pytrace=False)
     from tests.vm.libvirtd import PrivateLibvirtd

@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt  # scripts/deps.sh installs it: the VM tests need it, not skip without it
 import pytest
 
 from czone.libvirt_backend import qemu_processes
@@ -24,7 +25,6 @@ from czone.vmspec import load_spec
 from tests.effective import comparable, from_argv, from_xml
 
 pytestmark = pytest.mark.vm
-libvirt = pytest.importorskip("libvirt")
 
 CZONECTL = str(Path(sys.executable).parent / "czonectl")
 
