@@ -129,10 +129,13 @@ def ps(ctx: click.Context, as_json: bool) -> None:
 def kill(ctx: click.Context, ctr_id: str) -> None:
     """Stop container ID, destroy its CZone, report the memory back on the host."""
     res = _svc(ctx).kill(ctr_id)
+    g = res.guest
+    if res.returned_bytes is None and g:  # the guest killed it; the host could not measure
+        click.echo(f"{ctr_id}: killed; the memory back to the host was not measured")
+        return
     if res.returned_bytes is None:
         click.echo(f"{ctr_id}: record removed (its VM {res.vm} is gone)")
         return
-    g = res.guest
     detail = (f" ({g.get('released_chunks', 0)} chunks released, "
               f"{g.get('migrated_pages', 0)} pages migrated)" if g else " (its VM stopped)")
     click.echo(f"{ctr_id}: killed; {res.returned_bytes / MiB:.1f} MiB back to the host{detail}")

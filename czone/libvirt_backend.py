@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from czone.errors import CZoneError
-from czone.libvirt_xml import CZONE_NS, build_xml, domain_name, metadata
+from czone.libvirt_xml import CZONE_NS, build_xml, device_id, domain_name, metadata
 from czone.qemu.cmdline import VmSpec
 from czone.qemu.machine import Machine, VmLaunchError, tail
 from czone.qemu.qmp import QmpCommandError, QmpTimeout
@@ -325,6 +325,34 @@ class LibvirtMachine(Machine):
             if event["event"] == name and all(data.get(k) == v for k, v in match.items()):
                 return event
         raise QmpTimeout(f"no QMP event {name} {match or ''} within {timeout:.0f}s")
+
+    def resize(self, memory_mode: str, nbytes: int) -> None:
+        """Resize a memory device libvirt owns through libvirt, so that its
+        view (``dumpxml``) stays true: virtio-mem's ``<requested>``, or the
+        balloon's target.  (The czone device is ours: QMP resizes it.)"""
+        libvirt = _libvirt()
+        dom = self._monitor()
+        try:
+            if memory_mode == "balloon":
+                dom.setMemoryFlags(nbytes >> 10, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                return
+            if memory_mode != "virtio-mem":
+                raise CZoneError(f"libvirt does not own the {memory_mode} device")
+            root = ET.fromstring(dom.XMLDesc(0))
+            alias = device_id("virtio-mem")
+            for mem in root.iterfind("devices/memory[@model='virtio-mem']"):
+                if mem.find(f"alias[@name='{alias}']") is not None:
+                    break
+            else:
+                raise CZoneError(f"domain {dom.name()} has no virtio-mem device {alias}")
+            req = mem.find("target/requested")
+            assert req is not None
+            req.text, req.attrib = str(nbytes >> 10), {"unit": "KiB"}
+            dom.updateDeviceFlags(ET.tostring(mem, encoding="unicode"),
+                                  libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as e:
+            raise QmpCommandError(f"resizing the {memory_mode} device of {dom.name()} through "
+                                  f"libvirt: {e.get_error_message()}") from None
 
     def _close_qmp(self) -> None:
         if self._callback is not None:

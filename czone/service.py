@@ -785,6 +785,10 @@ class Service:
         want = rec.requested_mib << 20
         if rec.memory_mode == "balloon":
             want += VM_BOOT_MIB << 20
+        if isinstance(machine, LibvirtMachine) and rec.memory_mode in ("virtio-mem", "balloon"):
+            machine.resize(rec.memory_mode, want)
+            return want
+        if rec.memory_mode == "balloon":
             qmp.balloon_target(machine, want)
             return want
         dev = Service._device(rec)
@@ -864,6 +868,9 @@ class Service:
         def device(pid: int) -> int:
             if vm.memory_mode == "balloon":   # guest RAM itself: no device memory
                 return hostmem.stable_rss(pid)
+            if vm.backend == "libvirt" and vm.memory_mode == "virtio-mem":
+                raise ServiceError("libvirt backs virtio-mem with anonymous RAM, which the "
+                                   "host cannot tell from the rest")
             return hostmem.stable_mapping_rss(pid, DEVICE_MEMFD)
 
         before = self._measure(device, vm)

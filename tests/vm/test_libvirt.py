@@ -221,3 +221,30 @@ def test_libvirtd_restarted_under_a_running_vm(lv_env: dict[str, str], libvirtd,
         assert reply["ok"], reply
     assert czonectl(lv_env, "vm", "down", ctr["vm"]).returncode == 0
     assert libvirtd.connect().listAllDomains() == []
+
+
+def _libvirt_size_kib(dom, mode: str) -> int:
+    """What libvirt believes the memory device is asked for: virtio-mem's
+    <requested>, or the balloon's target (<currentMemory>)."""
+    root = ET.fromstring(dom.XMLDesc(0))
+    path = ("devices/memory[@model='virtio-mem']/target/requested" if mode == "mcpv-virtio-mem"
+            else "currentMemory")
+    return int(root.findtext(path) or -1)
+
+
+@pytest.mark.parametrize("mode", ["mcpv-virtio-mem", "mcpv-balloon"])
+def test_mcpv_baselines_resize_through_libvirt(lv_env: dict[str, str], libvirtd,
+                                               mode: str) -> None:
+    """libvirt owns these devices, so they are resized through libvirt's API and
+    libvirt's view of the domain follows."""
+    r = czonectl(lv_env, "run", "float_operation", "--mode", mode, "--backend", "libvirt",
+                 "--connect", libvirtd.uri, "--json")
+    assert r.returncode == 0, r.stderr
+    ctr = json.loads(r.stdout)
+    dom = libvirtd.connect().lookupByName(f"czone-{ctr['vm']}")
+    boot = 512 << 10 if mode == "mcpv-balloon" else 0
+    assert _libvirt_size_kib(dom, mode) == boot + (128 << 10)
+    k = czonectl(lv_env, "kill", ctr["id"])
+    assert k.returncode == 0 and "killed" in k.stdout, k.stderr
+    assert _libvirt_size_kib(dom, mode) == boot
+    assert czonectl(lv_env, "vm", "down", ctr["vm"]).returncode == 0
