@@ -80,3 +80,23 @@ def test_libvirt_record_unreachable_falls_back_to_pid() -> None:
                    qmp_socket="", ssh_port=None, ssh_key=None, run_dir="/r", accel="tcg",
                    memory_mib=512, cpus=1, created=1.0, backend="libvirt", uri=NOWHERE)
     assert status(rec) == "running"
+
+
+def _libvirt_record(name: str) -> None:
+    me = os.getpid()
+    StateDB().reserve(VmRecord(name=name, state="up", pid=me, proc_start=process_start(me),
+                               qmp_socket="", ssh_port=None, ssh_key=None, run_dir="/r",
+                               accel="tcg", memory_mib=512, cpus=1, created=1.0, fn="matmul",
+                               mode="mcpv", backend="libvirt", uri=NOWHERE))
+
+
+def test_what_the_libvirt_backend_does_not_do_yet_is_one_line(fake_artifacts: dict) -> None:
+    _libvirt_record("lv")
+    r = invoke("vm", "migrate", "lv")
+    assert r.exit_code == 1 and r.output == (
+        "czonectl: error: VM 'lv' is a libvirt domain; vm migrate does not drive libvirt's "
+        "migration yet\n")
+    r = invoke("run", "matmul", "--mode", "scpv-template", "--backend", "libvirt",
+               "--connect", NOWHERE)
+    assert r.exit_code == 1 and r.output.endswith(
+        "use an MCPV mode\n") and r.output.count("\n") == 1
