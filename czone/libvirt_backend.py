@@ -140,6 +140,23 @@ def records(dom: Any) -> list[dict[str, Any]]:
     return list(json.loads(el.findtext("containers") or "[]"))
 
 
+def our_domains(uri: str) -> dict[str, bool]:
+    """The CZone VMs ``uri`` has domains for (by our metadata), and whether
+    each is active."""
+    libvirt = _libvirt()
+    out = {}
+    try:
+        for dom in connect(uri).listAllDomains():
+            try:
+                el = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CZONE_NS))
+            except libvirt.libvirtError:
+                continue  # not ours
+            out[el.get("name", dom.name())] = bool(dom.isActive())
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"libvirt at {uri}: {e.get_error_message()}") from None
+    return out
+
+
 def domain_status(uri: str, vm: str) -> str | None:
     """``running`` or ``dead`` as libvirt sees VM ``vm`` (a domain shut off,
     or gone, is dead); None if libvirt cannot be asked."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from czone import bridge, libvirt_backend, migrate
 from czone.errors import CZoneError
+from czone.libvirt_xml import domain_name
 from czone.placement import MCPV_MODES
 from czone.qemu.machine import kill_strays
 from czone.state import (
@@ -58,6 +59,7 @@ def reconcile(svc: Service) -> list[str]:
             svc.db.set_vm(vm.name, state="dead")
             done.append(f"VM {vm.name}: its boot was cut short; {what}")
     done += reconcile_net(svc)
+    done += _libvirt_orphans(svc)
     pending: dict[str, list[CtrRecord]] = {}
     # One snapshot of both tables: a VM and its first container are
     # written together by _place, and must be read together.
@@ -105,6 +107,27 @@ def _settle(svc: Service, c: CtrRecord, vm: VmRecord, listed: dict[str, Any]) ->
         return f"container {c.id}: kill cut short; finished it"
     svc.db.set_ctr(c.id, state="lost")
     return f"container {c.id}: start cut short before it ran (lost)"
+
+
+def _libvirt_orphans(svc: Service) -> list[str]:
+    """Ask libvirt which domains exist: at every URI our records use, a
+    domain of ours (by its metadata) that no record has is reported, never
+    touched (it may be another state store's)."""
+    vms = svc.db.list()
+    names = {v.name for v in vms}
+    done = []
+    for uri in sorted({v.uri for v in vms if v.backend == "libvirt" and v.uri}):
+        try:
+            doms = libvirt_backend.our_domains(uri)
+        except CZoneError as e:
+            done.append(f"cannot list the domains at {uri}: {e}")
+            continue
+        for vm, active in sorted(doms.items()):
+            if vm not in names:
+                done.append(f"domain {domain_name(vm)} at {uri} carries CZone metadata but no "
+                            f"record here has it ({'running' if active else 'shut off'}); "
+                            "left alone")
+    return done
 
 
 def reconcile_net(svc: Service) -> list[str]:

@@ -13,6 +13,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import libvirt  # scripts/deps.sh installs it: the VM tests need it, not skip without it
@@ -71,6 +72,16 @@ def test_up_ssh_qmp_list_down(lv_env: dict[str, str], libvirtd) -> None:
     assert comparable(live) == comparable(from_argv(build_argv(spec))) \
         == comparable(from_xml(build_xml(spec)))
     assert not list(run_dir.glob("*.sock"))
+
+    # Reconciliation asks libvirt: a domain of ours without a record is
+    # reported and left alone.
+    conn = libvirtd.connect()
+    stray = conn.defineXML(build_xml(replace(spec, name="stray")))
+    ps = czonectl(lv_env, "ps")
+    assert ps.returncode == 0, ps.stderr
+    assert (f"reconcile: domain czone-stray at {uri} carries CZone metadata but no record "
+            "here has it (shut off); left alone") in ps.stderr
+    stray.undefine()
 
     uname = czonectl(lv_env, "vm", "ssh", "lv1", "--", "uname", "-r")
     assert uname.returncode == 0 and "-czone" in uname.stdout, uname.stderr
