@@ -135,12 +135,15 @@ def libvirtd(request: pytest.FixtureRequest) -> Iterator[object]:
     from tests.vm.libvirtd import PrivateLibvirtd
 
     daemon = PrivateLibvirtd(Path(tempfile.mkdtemp(prefix="czone-lvd-")))
-    daemon.start()
+    started = False
     try:
+        daemon.start()
+        started = True
         yield daemon
     finally:
-        failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
-                     for w in ("setup", "call"))
+        failed = not started or any(
+            getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
+            for w in ("setup", "call"))
         if failed:
             daemon.save_logs(REPO / "test-artifacts" / request.node.name / "libvirtd")
         daemon.stop()
