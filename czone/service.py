@@ -273,7 +273,7 @@ class Service:
         self.reconcile_net()
         rec = self.db.reserve_launch(
             spec.name, assign=self._bridge_assign if spec.tap is not None else None,
-            qmp_socket=str(qmp_socket_path(spec.run_dir)), ssh_port=spec.ssh_port,
+            qmp_socket=self._qmp_socket(spec), ssh_port=spec.ssh_port,
             ssh_key=str(self.builds[1].ssh_key), run_dir=str(spec.run_dir), accel=spec.accel,
             memory_mib=spec.memory_mib, cpus=spec.cpus, fn=fn, mode=mode,
             memory_mode=spec.memory_mode, device_mib=spec.device_memory_mib,
@@ -282,6 +282,10 @@ class Service:
             spec = replace(spec, tap=netplan.nic_at(rec.net_addr))
         self._boot(spec, boot_timeout)
         return self.db.get(rec.name)
+
+    def _qmp_socket(self, spec: VmSpec) -> str:
+        """The record's QMP socket: none of ours for a domain (libvirt's monitor)."""
+        return "" if self.backend == "libvirt" else str(qmp_socket_path(spec.run_dir))
 
     def check_backend(self, spec: VmSpec) -> None:
         """Before anything is reserved: the libvirt backend can run ``spec``
@@ -670,7 +674,7 @@ class Service:
                 tap = netplan.nic_at(nets["net_addr"]) if nets else None
                 spec = self.vm_spec_for(name, mode, max_mib, d.requested_mib, tap)
                 rec = VmRecord(name=name, state="starting", pid=me, proc_start=process_start(me),
-                               qmp_socket=str(qmp_socket_path(spec.run_dir)),
+                               qmp_socket=self._qmp_socket(spec),
                                ssh_port=spec.ssh_port, ssh_key=str(self.builds[1].ssh_key),
                                run_dir=str(spec.run_dir), accel=spec.accel,
                                memory_mib=spec.memory_mib, cpus=spec.cpus, created=time.time(),

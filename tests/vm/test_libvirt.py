@@ -54,6 +54,7 @@ def test_up_ssh_qmp_list_down(lv_env: dict[str, str], libvirtd) -> None:
 
     [rec] = json.loads(czonectl(lv_env, "vm", "list", "--json").stdout)
     assert (rec["status"], rec["backend"], rec["uri"]) == ("running", "libvirt", uri)
+    assert rec["qmp_socket"] == ""  # libvirt's monitor, not ours
     run_dir = Path(rec["run_dir"])
     dom = libvirtd.connect().lookupByName("czone-lv1")
     assert dom.isActive()
