@@ -34,6 +34,9 @@ PID_TIMEOUT = 10.0
 
 _lock = threading.Lock()
 _conns: dict[str, Any] = {}
+_failed: dict[str, tuple[float, str]] = {}
+# Seconds a failed connection is not retried (within one process).
+RETRY_AFTER = 5.0
 _loop_started = False
 
 
@@ -76,14 +79,22 @@ def connect(uri: str) -> Any:
                 if conn.isAlive():
                     return conn
             _conns.pop(uri, None)
+        # An URI that just failed fails again at once: status() asks for every
+        # record, sometimes under the store's lock, and a remote URI can take
+        # long to fail.
+        failed = _failed.get(uri)
+        if failed is not None and time.monotonic() - failed[0] < RETRY_AFTER:
+            raise LibvirtError(failed[1])
         # libvirt prints every error on stderr; ours are raised, one line each.
         libvirt.registerErrorHandler(lambda *_: None, None)
         _start_event_loop(libvirt)
         try:
             conn = libvirt.open(uri)
         except libvirt.libvirtError as e:
-            raise LibvirtError(f"cannot connect to libvirt at {uri}: "
-                               f"{e.get_error_message()}") from None
+            msg = f"cannot connect to libvirt at {uri}: {e.get_error_message()}"
+            _failed[uri] = (time.monotonic(), msg)
+            raise LibvirtError(msg) from None
+        _failed.pop(uri, None)
         _conns[uri] = conn
         return conn
 

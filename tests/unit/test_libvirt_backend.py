@@ -102,3 +102,22 @@ def test_what_the_libvirt_backend_does_not_do_yet_is_one_line(fake_artifacts: di
                "--connect", NOWHERE)
     assert r.exit_code == 1 and r.output.endswith(
         "use an MCPV mode\n") and r.output.count("\n") == 1
+
+
+def test_a_failed_uri_is_not_retried_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import libvirt
+
+    from czone import libvirt_backend
+
+    uri = NOWHERE + "-once"
+    calls = []
+    real_open = libvirt.open
+    monkeypatch.setattr(libvirt, "open", lambda u: calls.append(u) or real_open(u))
+    for _ in range(3):
+        with pytest.raises(libvirt_backend.LibvirtError, match="cannot connect to libvirt"):
+            libvirt_backend.connect(uri)
+    assert calls == [uri]
+    monkeypatch.setattr(libvirt_backend, "RETRY_AFTER", 0.0)
+    with pytest.raises(libvirt_backend.LibvirtError):
+        libvirt_backend.connect(uri)
+    assert calls == [uri, uri]
