@@ -11,7 +11,6 @@ guest agents' lists, which every command runs first.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import os
@@ -32,6 +31,7 @@ from czone.errors import CZoneError
 from czone.functions import FUNCTIONS, memory_for
 from czone.guest.runtime import AgentError, AgentLost, RuntimeAgent
 from czone.guest.ssh import SSHClient, SshError
+from czone.locking import LockTimeout, flock_within
 from czone.net import check_port_free, free_port
 from czone.placement import MCPV_MODES, Mode, NoFit, VmView, place, round_up
 from czone.qemu import qmp
@@ -133,15 +133,10 @@ class KillResult:
 
 def _lock(f: Any, timeout: float, what: str) -> None:
     """flock(LOCK_EX) with a deadline: another czonectl may be building."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise ServiceError(f"{what} still held after {timeout:.0f}s") from None
-            time.sleep(0.2)
+    try:
+        flock_within(f, timeout, poll=0.2)
+    except LockTimeout as e:
+        raise ServiceError(f"{what} {e}") from None
 
 
 def _new_id(prefix: str) -> str:
