@@ -64,6 +64,7 @@ from czone.vmspec import load_spec, save_spec, spec_for
 RUN_MODES: tuple[Mode, ...] = ("mcpv", "mcpv-virtio-mem", "mcpv-balloon", "scpv-template",
                                "scpv-snapshot")
 RESIZE_TIMEOUT = 120.0
+RESIZE_POLL = 0.02
 # ZONE_MOVABLE beyond the container's cap in an SCPV VM: page cache and the
 # agent share the zone, and a chunk needs a whole free 2 MiB pageblock.
 SCPV_MOVABLE_SLACK_MIB = 64
@@ -698,10 +699,13 @@ class Service:
             return True
         machine = self.machine(rec)
         try:
+            # QEMU sends the size and balloon events at most once a second:
+            # poll, or every baseline start would wait for the next event
             if rec.memory_mode == "balloon":
-                qmp.wait_balloon(machine, want, RESIZE_TIMEOUT)
+                qmp.wait_balloon(machine, want, RESIZE_TIMEOUT, poll=RESIZE_POLL)
             else:
-                qmp.wait_size(machine, MEMORY_DEVICE_ID["virtio-mem"], want, RESIZE_TIMEOUT)
+                qmp.wait_size(machine, MEMORY_DEVICE_ID["virtio-mem"], want, RESIZE_TIMEOUT,
+                              poll=RESIZE_POLL)
         except qmp.QmpTimeout:
             self.progress(f"warning: {vm} did not reach {want >> 20} MiB in "
                           f"{RESIZE_TIMEOUT:.0f}s")
