@@ -621,11 +621,13 @@ class Service:
 
     def vm_spec_for(self, name: str, mode: str, max_mib: int, requested_mib: int,
                     tap: TapNic | None = None) -> VmSpec:
-        """MCPV: boot memory plus the CZone device, which placement grows.
-        SCPV: one container's memory as ZONE_MOVABLE boot memory (the device
-        does not migrate yet, and templates are saved by migration).  Both
-        report free pages to the host (a balloon that never inflates), the
-        fastest way either has to give free boot memory back."""
+        """MCPV: boot memory plus the CZone device, which placement grows (the
+        baselines: a virtio-mem device, or all the memory behind a balloon).
+        SCPV: one container's memory as ZONE_MOVABLE boot memory, the layout
+        its templates were built with (a template is a migration stream of a
+        VM without the device).  All report free pages to the host (a
+        balloon that never inflates), the fastest way any of them has to
+        give free boot memory back."""
         if mode in ("mcpv", "mcpv-virtio-mem"):
             return self.vm_spec(name, memory_mode="czone" if mode == "mcpv" else "virtio-mem",
                                 device_memory_mib=max_mib, requested_mib=requested_mib,
