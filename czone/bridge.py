@@ -24,7 +24,6 @@ import socket
 import stat
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +32,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from czone.errors import CZoneError
+from czone.locking import LockTimeout, flock_within
 from czone.netplan import BRIDGE, BRIDGE_ADDRESS, tap_name
 from czone.qemu.cmdline import TapNic
 
@@ -133,16 +133,10 @@ class Namespace:
     def locked(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / f"{self.name}.lock", "w") as f:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise BridgeError(f"the lock of network namespace {self.name} is "
-                                          f"still held after {timeout:.0f}s") from None
-                    time.sleep(0.1)
+            try:
+                flock_within(f, timeout)
+            except LockTimeout as e:
+                raise BridgeError(f"the lock of network namespace {self.name} is {e}") from None
             yield
 
     def _netlink(self, what: str, fn: Callable[[IPRoute], T]) -> T:

@@ -11,7 +11,6 @@ guest agents' lists, which every command runs first.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import os
@@ -34,6 +33,7 @@ from czone.guest.runtime import AgentError, AgentLost, RuntimeAgent
 from czone.guest.ssh import SSHClient, SshError
 from czone.libvirt_backend import LibvirtMachine
 from czone.libvirt_xml import UnsupportedSpec, check_spec, device_id
+from czone.locking import LockTimeout, flock_within
 from czone.net import check_port_free, free_port
 from czone.placement import MCPV_MODES, Mode, NoFit, VmView, place, round_up
 from czone.qemu import qmp
@@ -66,6 +66,7 @@ from czone.vmspec import load_spec, save_spec, spec_for
 RUN_MODES: tuple[Mode, ...] = ("mcpv", "mcpv-virtio-mem", "mcpv-balloon", "scpv-template",
                                "scpv-snapshot")
 RESIZE_TIMEOUT = 120.0
+RESIZE_POLL = 0.02
 # ZONE_MOVABLE beyond the container's cap in an SCPV VM: page cache and the
 # agent share the zone, and a chunk needs a whole free 2 MiB pageblock.
 SCPV_MOVABLE_SLACK_MIB = 64
@@ -135,15 +136,10 @@ class KillResult:
 
 def _lock(f: Any, timeout: float, what: str) -> None:
     """flock(LOCK_EX) with a deadline: another czonectl may be building."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise ServiceError(f"{what} still held after {timeout:.0f}s") from None
-            time.sleep(0.2)
+    try:
+        flock_within(f, timeout, poll=0.2)
+    except LockTimeout as e:
+        raise ServiceError(f"{what} {e}") from None
 
 
 def _new_id(prefix: str) -> str:
@@ -693,11 +689,13 @@ class Service:
 
     def vm_spec_for(self, name: str, mode: str, max_mib: int, requested_mib: int,
                     tap: TapNic | None = None) -> VmSpec:
-        """MCPV: boot memory plus the CZone device, which placement grows.
-        SCPV: one container's memory as ZONE_MOVABLE boot memory (the device
-        does not migrate yet, and templates are saved by migration).  Both
-        report free pages to the host (a balloon that never inflates), the
-        fastest way either has to give free boot memory back."""
+        """MCPV: boot memory plus the CZone device, which placement grows (the
+        baselines: a virtio-mem device, or all the memory behind a balloon).
+        SCPV: one container's memory as ZONE_MOVABLE boot memory, the layout
+        its templates were built with (a template is a migration stream of a
+        VM without the device).  All report free pages to the host (a
+        balloon that never inflates), the fastest way any of them has to
+        give free boot memory back."""
         if mode in ("mcpv", "mcpv-virtio-mem"):
             return self.vm_spec(name, memory_mode="czone" if mode == "mcpv" else "virtio-mem",
                                 device_memory_mib=max_mib, requested_mib=requested_mib,
@@ -771,10 +769,13 @@ class Service:
             return True
         machine = self.machine(rec)
         try:
+            # QEMU sends the size and balloon events at most once a second:
+            # poll, or every baseline start would wait for the next event
             if rec.memory_mode == "balloon":
-                qmp.wait_balloon(machine, want, RESIZE_TIMEOUT)
+                qmp.wait_balloon(machine, want, RESIZE_TIMEOUT, poll=RESIZE_POLL)
             else:
-                qmp.wait_size(machine, self._device(rec), want, RESIZE_TIMEOUT)
+                qmp.wait_size(machine, self._device(rec), want, RESIZE_TIMEOUT,
+                              poll=RESIZE_POLL)
         except qmp.QmpTimeout:
             self.progress(f"warning: {vm} did not reach {want >> 20} MiB in "
                           f"{RESIZE_TIMEOUT:.0f}s")

@@ -91,7 +91,7 @@ def run(p: Params | None = None, out_dir: Path | None = None) -> dict[str, Any]:
             summary = rp.replay(make, opts, events, log)
             result["accel"] = make().accel()[0]
             result["modes"][mode] = {"summary": summary, "log": str(log),
-                                     "memory": _memory(log)}
+                                     "memory": _memory(log), "cold_starts": _cold(log)}
             print(f"  {mode}: {json.dumps(summary, default=str)}", flush=True)
     _print(result)
     return result
@@ -104,6 +104,16 @@ def _memory(log: Path) -> list[tuple[float, int, int]]:
         rec = json.loads(line)
         if rec.get("kind") == "mem":
             out.append((rec["t"], rec["rss"], rec["pss"]))
+    return out
+
+
+def _cold(log: Path) -> list[float]:
+    """Startup latencies of the cold starts that answered, for the CDF."""
+    out = []
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "inv" and rec.get("cold") and rec.get("ok"):
+            out.append(rec["startup_s"])
     return out
 
 

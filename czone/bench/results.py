@@ -162,13 +162,7 @@ def plots(out: Path, results: Mapping[str, Mapping[str, Any]]) -> list[Path]:
             cdf[f"{mode} (k-th container)"] = [x for x in xs if x is not None]
     if rep := results.get("replay"):
         for mode, r in rep["modes"].items():
-            starts = []
-            log = Path(r["log"]) if r.get("log") else None
-            for line in log.read_text().splitlines() if log and log.is_file() else []:
-                rec = json.loads(line)
-                if rec.get("kind") == "inv" and rec.get("cold") and rec.get("ok"):
-                    starts.append(rec["startup_s"])
-            cdf[f"{mode} (replay cold starts)"] = starts
+            cdf[f"{mode} (replay cold starts)"] = r.get("cold_starts") or []
     if any(cdf.values()):
         fig, ax = plt.subplots(figsize=(7, 4))
         for label, xs in cdf.items():

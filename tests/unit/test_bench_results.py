@@ -43,7 +43,8 @@ def fake_results(tmp_path: Path) -> dict[str, Any]:
                    "events": 2, "source": "synthetic",
                    "provenance": PROV, "modes": {
                        "mcpv-czone": {"summary": summary(1.0), "log": str(log),
-                                      "memory": [[0, 1, 100 * MiB], [1, 1, 120 * MiB]]},
+                                      "memory": [[0, 1, 100 * MiB], [1, 1, 120 * MiB]],
+                                      "cold_starts": [0.5]},
                        "scpv-template": {"summary": summary(4.0), "log": str(tmp_path / "no"),
                                          "memory": []},
                        "mcpv-balloon": {"summary": summary(2.0), "log": "", "memory": []},

@@ -292,3 +292,15 @@ def test_down_dead_kills_stray_qemu(tmp_path: Path) -> None:
     finally:
         stray.kill()
         stray.wait()
+
+
+def test_a_held_lock_times_out_in_one_line(tmp_path):
+    import fcntl
+
+    from czone.locking import LockTimeout, flock_within
+    with open(tmp_path / "l", "w") as held, open(tmp_path / "l", "w") as other:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(LockTimeout, match="still held after 0s"):
+            flock_within(other, 0.05, poll=0.01)
+        fcntl.flock(held, fcntl.LOCK_UN)
+        flock_within(other, 0.05)
