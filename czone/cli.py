@@ -17,10 +17,11 @@ from czone import accel as accel_mod
 from czone import artifacts, migrate
 from czone.cli_mem import vm_mem, vm_reclaim, vm_resize
 from czone.cli_replay import replay
-from czone.cli_run import COMMANDS
+from czone.cli_run import COMMANDS, backend_options
 from czone.cli_trace import trace
 from czone.errors import CZoneError
 from czone.guest.ssh import SSHClient
+from czone.libvirt_xml import UnsupportedSpec, build_xml, domain_name
 from czone.netplan import BRIDGE, NET_HELP
 from czone.qemu.cmdline import MEMORY_MODES, Accel, build_argv
 from czone.service import Service
@@ -94,14 +95,18 @@ cli.add_command(replay)
               help="MiB the device may plug at boot (default: all for czone, 0 for virtio-mem).")
 @click.option("--net", default="user", show_default=True, metavar="user|bridge",
               help=NET_HELP)
-@click.option("--dry-run", is_flag=True, help="Print the QEMU command line and exit.")
+@backend_options
+@click.option("--dry-run", is_flag=True, help="Print the QEMU command line (with --backend "
+                                             "libvirt: the domain XML) and exit.")
 @click.pass_context
 def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: int | None,
           qemu_path: str | None, extra_append: str, boot_timeout: float, memory_mode: str,
-          device_memory_mib: int, requested_mib: int | None, net: str, dry_run: bool) -> None:
+          device_memory_mib: int, requested_mib: int | None, net: str, backend: str,
+          uri: str | None, dry_run: bool) -> None:
     """Boot a VM with the CZone kernel and guest image and wait for SSH."""
     validate_name(name)
-    svc = Service(qemu=qemu_path or ctx.obj.get("qemu"), progress=lambda m: click.echo(m, err=True))
+    svc = Service(qemu=qemu_path or ctx.obj.get("qemu"), progress=lambda m: click.echo(m, err=True),
+                  backend=backend, uri=uri)
     svc.db.ensure_free(name)
     if requested_mib is None:
         requested_mib = device_memory_mib if memory_mode == "czone" else 0
@@ -111,6 +116,12 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
                            device_memory_mib=device_memory_mib, requested_mib=requested_mib)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
+    if dry_run and backend == "libvirt":
+        try:
+            click.echo(build_xml(spec))
+        except UnsupportedSpec as e:
+            raise CZoneError(str(e)) from None
+        return
     if dry_run:
         click.echo(shlex.join(build_argv(spec)))
         return
@@ -119,6 +130,8 @@ def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: i
     rec = svc.vm_up(spec, boot_timeout)
     click.echo(f"VM {name} is up: pid {rec.pid}, {accel}, {memory_mib} MiB, {cpus} CPU(s), "
                f"ssh port {rec.ssh_port}")
+    if rec.backend == "libvirt":
+        click.echo(f"  libvirt: domain {domain_name(name)} at {rec.uri}")
     if rec.net == "bridge":
         click.echo(f"  bridge: {rec.net_addr} on {BRIDGE} in network namespace {rec.netns} "
                    f"(tap {rec.tap})")
@@ -138,9 +151,10 @@ def vm_list(as_json: bool) -> None:
         click.echo(json.dumps([{**r.to_dict(), "status": status(r)} for r in records],
                               indent=2))
         return
-    rows = [("NAME", "STATUS", "PID", "ACCEL", "MEMORY", "CPUS", "SSH", "NET")]
+    rows = [("NAME", "STATUS", "PID", "ACCEL", "MEMORY", "CPUS", "SSH", "NET", "BACKEND")]
     rows += [(r.name, status(r), str(r.pid), r.accel, f"{r.memory_mib}M", str(r.cpus),
-              str(r.ssh_port or "-"), r.net_addr or r.net) for r in records]
+              str(r.ssh_port or "-"), r.net_addr or r.net,
+              r.uri if r.backend == "libvirt" else r.backend) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -14,14 +14,15 @@ from czone.qemu import qmp
 from czone.qemu.cmdline import stats_log_path
 from czone.qemu.machine import Machine
 from czone.service import Service
-from czone.state import StateDB, VmRecord
+from czone.state import VmRecord
 
 MiB = hostmem.MiB
 
 
 def _attach(name: str) -> tuple[VmRecord, Machine]:
-    rec = StateDB().running(name)
-    return rec, Machine.attach(Path(rec.run_dir), rec.pid, rec.proc_start)
+    svc = Service()
+    rec = svc.db.running(name)
+    return rec, svc.machine(rec)  # the record's backend: a QEMU of ours or a domain
 
 
 def memory_device(vm: Machine) -> dict[str, Any] | None:

@@ -11,13 +11,25 @@ import click
 
 from czone.functions import FUNCTIONS
 from czone.hostmem import MiB
+from czone.libvirt_backend import BACKENDS, DEFAULT_URI
 from czone.netplan import NET_HELP
 from czone.service import RUN_MODES, Service
 
 
-def _svc(ctx: click.Context) -> Service:
+def backend_options(f: Any) -> Any:
+    """``--backend`` and ``--connect``: where a new VM runs (kept in its record)."""
+    f = click.option("--connect", "uri", metavar="URI",
+                     help=f"libvirt URI of --backend libvirt (default {DEFAULT_URI}).")(f)
+    return click.option("--backend", type=click.Choice(BACKENDS), default="qemu",
+                        show_default=True,
+                        help="qemu: a QEMU process of czonectl's; libvirt: a libvirt "
+                             "domain at --connect.")(f)
+
+
+def _svc(ctx: click.Context, backend: str = "qemu", uri: str | None = None) -> Service:
     """One Service per command, closed when the command ends."""
-    svc = Service(qemu=ctx.obj.get("qemu"), progress=lambda m: click.echo(m, err=True))
+    svc = Service(qemu=ctx.obj.get("qemu"), progress=lambda m: click.echo(m, err=True),
+                  backend=backend, uri=uri)
     ctx.call_on_close(svc.close)
     return svc
 
@@ -61,12 +73,16 @@ def fn_list() -> None:
               help="Memory cap in MiB (default: the function's).")
 @click.option("--net", default="user", show_default=True, metavar="user|bridge",
               help=NET_HELP + "  A container goes only into a VM of its network mode.")
+@backend_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def run(ctx: click.Context, function: str, mode: str, memory_mib: int | None, net: str,
-        as_json: bool) -> None:
-    """Start a container of FUNCTION; print its ID and startup latency."""
-    res = _svc(ctx).run(function, mode, memory_mib, net=net)  # type: ignore[arg-type]
+        backend: str, uri: str | None, as_json: bool) -> None:
+    """Start a container of FUNCTION; print its ID and startup latency.  A VM
+    booted for it runs on --backend; a container placed into a running VM
+    goes wherever that VM runs."""
+    res = _svc(ctx, backend, uri).run(function, mode, memory_mib,  # type: ignore[arg-type]
+                                      net=net)
     if as_json:
         click.echo(json.dumps(res.__dict__, indent=2))
         return
@@ -113,10 +129,13 @@ def ps(ctx: click.Context, as_json: bool) -> None:
 def kill(ctx: click.Context, ctr_id: str) -> None:
     """Stop container ID, destroy its CZone, report the memory back on the host."""
     res = _svc(ctx).kill(ctr_id)
+    g = res.guest
+    if res.returned_bytes is None and g:  # the guest killed it; the host could not measure
+        click.echo(f"{ctr_id}: killed; the memory back to the host was not measured")
+        return
     if res.returned_bytes is None:
         click.echo(f"{ctr_id}: record removed (its VM {res.vm} is gone)")
         return
-    g = res.guest
     detail = (f" ({g.get('released_chunks', 0)} chunks released, "
               f"{g.get('migrated_pages', 0)} pages migrated)" if g else " (its VM stopped)")
     click.echo(f"{ctr_id}: killed; {res.returned_bytes / MiB:.1f} MiB back to the host{detail}")

@@ -9,8 +9,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from czone import bridge, migrate
+from czone import bridge, libvirt_backend, migrate
 from czone.errors import CZoneError
+from czone.libvirt_xml import domain_name
 from czone.placement import MCPV_MODES
 from czone.qemu.machine import kill_strays
 from czone.state import (
@@ -47,11 +48,18 @@ def reconcile(svc: Service) -> list[str]:
         done += _settle_migration(svc, marker)
     for vm in svc.db.list():
         if vm.state == "starting" and live_process(vm.pid, vm.proc_start) is None:
-            strays = kill_strays(Path(vm.run_dir))
+            if vm.backend == "libvirt" and vm.uri:
+                try:
+                    what = f"its domain {libvirt_backend.remove_domain(vm.uri, vm.name)}"
+                except CZoneError as e:
+                    done.append(f"VM {vm.name}: its boot was cut short; {e}")
+                    continue
+            else:
+                what = f"{kill_strays(Path(vm.run_dir))} QEMU process(es) killed"
             svc.db.set_vm(vm.name, state="dead")
-            done.append(f"VM {vm.name}: its boot was cut short; "
-                        f"{strays} QEMU process(es) killed")
+            done.append(f"VM {vm.name}: its boot was cut short; {what}")
     done += reconcile_net(svc)
+    done += _libvirt_orphans(svc)
     pending: dict[str, list[CtrRecord]] = {}
     # One snapshot of both tables: a VM and its first container are
     # written together by _place, and must be read together.
@@ -99,6 +107,27 @@ def _settle(svc: Service, c: CtrRecord, vm: VmRecord, listed: dict[str, Any]) ->
         return f"container {c.id}: kill cut short; finished it"
     svc.db.set_ctr(c.id, state="lost")
     return f"container {c.id}: start cut short before it ran (lost)"
+
+
+def _libvirt_orphans(svc: Service) -> list[str]:
+    """Ask libvirt which domains exist: at every URI our records use, a
+    domain of ours (by its metadata) that no record has is reported, never
+    touched (it may be another state store's)."""
+    vms = svc.db.list()
+    names = {v.name for v in vms}
+    done = []
+    for uri in sorted({v.uri for v in vms if v.backend == "libvirt" and v.uri}):
+        try:
+            doms = libvirt_backend.our_domains(uri)
+        except CZoneError as e:
+            done.append(f"cannot list the domains at {uri}: {e}")
+            continue
+        for vm, active in sorted(doms.items()):
+            if vm not in names:
+                done.append(f"domain {domain_name(vm)} at {uri} carries CZone metadata but no "
+                            f"record here has it ({'running' if active else 'shut off'}); "
+                            "left alone")
+    return done
 
 
 def reconcile_net(svc: Service) -> list[str]:

@@ -26,11 +26,13 @@ from typing import Any
 import psutil
 
 from czone import accel as accel_mod
-from czone import artifacts, bridge, hostmem, migrate, netplan, recovery, template
+from czone import artifacts, bridge, hostmem, libvirt_backend, migrate, netplan, recovery, template
 from czone.errors import CZoneError
 from czone.functions import FUNCTIONS, memory_for
 from czone.guest.runtime import AgentError, AgentLost, RuntimeAgent
 from czone.guest.ssh import SSHClient, SshError
+from czone.libvirt_backend import LibvirtMachine
+from czone.libvirt_xml import UnsupportedSpec, check_spec, device_id
 from czone.locking import LockTimeout, flock_within
 from czone.net import check_port_free, free_port
 from czone.placement import MCPV_MODES, Mode, NoFit, VmView, place, round_up
@@ -148,9 +150,20 @@ class Service:
     def __init__(self, db: StateDB | None = None, qemu: str | os.PathLike | None = None,
                  progress: Progress | None = None, cpus: int = 1,
                  tb_size_mib: int | None = None, templates: Path | None = None,
-                 kernel: artifacts.Kernel | None = None, netns: str | None = None):
+                 kernel: artifacts.Kernel | None = None, netns: str | None = None,
+                 backend: str = "qemu", uri: str | None = None):
         """``netns``: the network namespace of bridged VMs (default
-        $CZONE_NETNS, else ``czone-net``); tests pass a name of their own."""
+        $CZONE_NETNS, else ``czone-net``); tests pass a name of their own.
+        ``backend``: how this Service boots VMs, "qemu" (a QEMU process of
+        ours) or "libvirt" (a domain at ``uri``, default qemu:///system);
+        each record keeps its own, and later commands follow the record."""
+        if backend not in libvirt_backend.BACKENDS:
+            raise ServiceError(f"unknown backend {backend!r} (use "
+                               f"{' or '.join(libvirt_backend.BACKENDS)})")
+        if uri is not None and backend != "libvirt":
+            raise ServiceError("--connect is for --backend libvirt")
+        self.backend = backend
+        self.uri = (uri or libvirt_backend.DEFAULT_URI) if backend == "libvirt" else None
         self.db = db or StateDB()
         self._kernel_override = kernel
         self._netns = netns
@@ -250,20 +263,50 @@ class Service:
               fn: str | None = None, mode: str | None = None) -> VmRecord:
         """Reserve ``spec.name``, boot it and wait for SSH (and the agent)."""
         self.db.ensure_free(spec.name)
+        self.check_backend(spec)
         if spec.tap is not None:
             bridge.preflight()
         self.reconcile_net()
         rec = self.db.reserve_launch(
             spec.name, assign=self._bridge_assign if spec.tap is not None else None,
-            qmp_socket=str(qmp_socket_path(spec.run_dir)), ssh_port=spec.ssh_port,
+            qmp_socket=self._qmp_socket(spec), ssh_port=spec.ssh_port,
             ssh_key=str(self.builds[1].ssh_key), run_dir=str(spec.run_dir), accel=spec.accel,
             memory_mib=spec.memory_mib, cpus=spec.cpus, fn=fn, mode=mode,
             memory_mode=spec.memory_mode, device_mib=spec.device_memory_mib,
-            requested_mib=spec.requested_mib)
+            requested_mib=spec.requested_mib, backend=self.backend, uri=self.uri)
         if rec.net_addr is not None:
             spec = replace(spec, tap=netplan.nic_at(rec.net_addr))
         self._boot(spec, boot_timeout)
         return self.db.get(rec.name)
+
+    def _qmp_socket(self, spec: VmSpec) -> str:
+        """The record's QMP socket: none of ours for a domain (libvirt's monitor)."""
+        return "" if self.backend == "libvirt" else str(qmp_socket_path(spec.run_dir))
+
+    def check_backend(self, spec: VmSpec) -> None:
+        """Before anything is reserved: the libvirt backend can run ``spec``
+        and its URI answers (one line of error otherwise)."""
+        if self.backend != "libvirt":
+            return
+        try:
+            check_spec(spec)
+        except UnsupportedSpec as e:
+            raise ServiceError(str(e)) from None
+        assert self.uri is not None
+        dom = libvirt_backend.lookup(self.uri, spec.name)
+        if dom is not None:
+            whose = ("ours, but no record here has it" if libvirt_backend.is_ours(dom)
+                     else "not ours: no CZone metadata")
+            raise ServiceError(f"a domain named {dom.name()} already exists at {self.uri} "
+                               f"({whose}); refusing to touch it")
+
+    def _new_machine(self, spec: VmSpec) -> Machine:
+        """The Machine that boots ``spec`` on this Service's backend."""
+        if self.backend != "libvirt":
+            return Machine(spec, ssh_key=self.builds[1].ssh_key)
+        assert self.uri is not None
+        rec = self.db.get(spec.name)
+        return LibvirtMachine(spec, self.uri, self.builds[1].ssh_key, fn=rec.fn, mode=rec.mode)
 
     def _boot(self, spec: VmSpec, boot_timeout: float = BOOT_TIMEOUT,
               tpl: template.Template | None = None) -> None:
@@ -286,7 +329,8 @@ class Service:
             if spec.tap is not None:
                 spec = self._open_tap(spec)
             try:
-                machine, times = boot_machine(spec, self.builds[1].ssh_key, boot_timeout, tpl)
+                machine, times = boot_machine(spec, self.builds[1].ssh_key, boot_timeout, tpl,
+                                              machine=self._new_machine(spec))
             finally:
                 if spec.tap is not None and spec.tap.fd is not None:
                     os.close(spec.tap.fd)  # QEMU has its own copy, or failed
@@ -308,6 +352,11 @@ class Service:
         self.progress(f"{spec.name} is up after {times['ssh_ready_s']:.1f}s")
 
     def machine(self, rec: VmRecord) -> Machine:
+        if rec.backend == "libvirt":
+            assert rec.uri is not None
+            return LibvirtMachine.attach_domain(
+                rec.uri, rec.name, Path(rec.run_dir), rec.pid, rec.proc_start, rec.ssh_port,
+                Path(rec.ssh_key) if rec.ssh_key else None)
         return Machine.attach(Path(rec.run_dir), rec.pid, rec.proc_start, rec.ssh_port,
                               Path(rec.ssh_key) if rec.ssh_key else None)
 
@@ -327,10 +376,7 @@ class Service:
                 raise ServiceError(f"QEMU pid {rec.pid} of VM {name!r} did not exit")
             what = "stopped"
         else:
-            # A launch killed midway can leave QEMU running under a dead record.
-            strays = kill_strays(Path(rec.run_dir))
-            what = "was dead; record removed" + (
-                f" (killed {strays} stray QEMU process(es))" if strays else "")
+            what = "was dead; record removed" + self._remove_leftovers(rec)
         if rec.net == "bridge":
             self._delete_tap(rec.netns, rec.tap)
         with self.db.transaction() as conn:
@@ -341,11 +387,25 @@ class Service:
             what += f"; network namespace {rec.netns} removed (no bridged VM left)"
         return what
 
+    @staticmethod
+    def _remove_leftovers(rec: VmRecord) -> str:
+        """A dead VM's remains: a launch killed midway can leave QEMU running
+        under a dead record; a libvirt domain destroyed behind our back is
+        still defined."""
+        if rec.backend == "libvirt" and rec.uri:
+            what = libvirt_backend.remove_domain(rec.uri, rec.name)
+            return f" (its domain {what})" if what != "no domain" else ""
+        strays = kill_strays(Path(rec.run_dir))
+        return f" (killed {strays} stray QEMU process(es))" if strays else ""
+
     def migration_plan(self, name: str) -> tuple[VmRecord, VmSpec, VmSpec]:
         """VM ``name``'s record, the spec its QEMU runs, and the spec of a
         destination to migrate it to: the same, with ``-incoming defer``, a
         run dir and an SSH port of its own (``vm migrate --dry-run``)."""
         rec = self.db.running(name)
+        if rec.backend == "libvirt":
+            raise ServiceError(f"VM {name!r} is a libvirt domain; vm migrate does not "
+                               "drive libvirt's migration yet")
         if rec.mode not in (None, "mcpv"):
             raise ServiceError(f"VM {name!r} is an SCPV VM ({rec.mode}); only MCPV and "
                                "plain VMs migrate")
@@ -542,6 +602,12 @@ class Service:
                 raise ServiceError(f"--net bridge is for MCPV VMs, not {mode}: every clone of "
                                    "a template would wake up with the template's address")
             bridge.preflight()
+        if self.backend == "libvirt" and mode not in MCPV_MODES:
+            raise ServiceError(f"{mode} VMs are cloned from templates, which the libvirt "
+                               "backend does not do yet; use an MCPV mode")
+        if self.backend == "libvirt":
+            assert self.uri is not None
+            libvirt_backend.connect(self.uri)  # an unreachable URI fails before any record
         if args and mode == "scpv-snapshot":
             raise ServiceError("an scpv-snapshot container runs its snapshot's command")
         memory_mib = memory_mib or memory_for(fn)
@@ -573,6 +639,7 @@ class Service:
             raise
         startup = time.monotonic() - t0
         self.db.set_ctr(ctr_id, state="running", czone=guest["czone"], startup_s=startup)
+        self._sync_records(vm)
         if not warm.get("ok"):
             self.progress(f"warning: the warm-up invocation of {ctr_id} failed: "
                           f"{warm.get('error')}")
@@ -603,12 +670,13 @@ class Service:
                 tap = netplan.nic_at(nets["net_addr"]) if nets else None
                 spec = self.vm_spec_for(name, mode, max_mib, d.requested_mib, tap)
                 rec = VmRecord(name=name, state="starting", pid=me, proc_start=process_start(me),
-                               qmp_socket=str(qmp_socket_path(spec.run_dir)),
+                               qmp_socket=self._qmp_socket(spec),
                                ssh_port=spec.ssh_port, ssh_key=str(self.builds[1].ssh_key),
                                run_dir=str(spec.run_dir), accel=spec.accel,
                                memory_mib=spec.memory_mib, cpus=spec.cpus, created=time.time(),
                                fn=fn, mode=mode, memory_mode=spec.memory_mode,
-                               device_mib=max_mib, requested_mib=d.requested_mib, **nets)
+                               device_mib=max_mib, requested_mib=d.requested_mib,
+                               backend=self.backend, uri=self.uri, **nets)
                 vm_insert(conn, rec)
             else:
                 name = d.vm or ""
@@ -706,7 +774,7 @@ class Service:
             if rec.memory_mode == "balloon":
                 qmp.wait_balloon(machine, want, RESIZE_TIMEOUT, poll=RESIZE_POLL)
             else:
-                qmp.wait_size(machine, MEMORY_DEVICE_ID["virtio-mem"], want, RESIZE_TIMEOUT,
+                qmp.wait_size(machine, self._device(rec), want, RESIZE_TIMEOUT,
                               poll=RESIZE_POLL)
         except qmp.QmpTimeout:
             self.progress(f"warning: {vm} did not reach {want >> 20} MiB in "
@@ -722,12 +790,23 @@ class Service:
         want = rec.requested_mib << 20
         if rec.memory_mode == "balloon":
             want += VM_BOOT_MIB << 20
+        if isinstance(machine, LibvirtMachine) and rec.memory_mode in ("virtio-mem", "balloon"):
+            machine.resize(rec.memory_mode, want)
+            return want
+        if rec.memory_mode == "balloon":
             qmp.balloon_target(machine, want)
             return want
-        dev = MEMORY_DEVICE_ID[rec.memory_mode]
+        dev = Service._device(rec)
         if qmp.requested_size(machine, dev) != want:
             qmp.set_requested_size(machine, dev, want)
         return None if rec.memory_mode == "czone" else want
+
+    @staticmethod
+    def _device(rec: VmRecord) -> str:
+        """The QOM id of the VM's memory device (libvirt names its own)."""
+        if rec.backend == "libvirt":
+            return device_id(rec.memory_mode)
+        return MEMORY_DEVICE_ID[rec.memory_mode]
 
     def _forget_failed(self, ctr_id: str, vm: str, mode: str, gid: str) -> None:
         """A run that failed or was interrupted after the record was written:
@@ -794,16 +873,34 @@ class Service:
         def device(pid: int) -> int:
             if vm.memory_mode == "balloon":   # guest RAM itself: no device memory
                 return hostmem.stable_rss(pid)
+            if vm.backend == "libvirt" and vm.memory_mode == "virtio-mem":
+                raise ServiceError("libvirt backs virtio-mem with anonymous RAM, which the "
+                                   "host cannot tell from the rest")
             return hostmem.stable_mapping_rss(pid, DEVICE_MEMFD)
 
         before = self._measure(device, vm)
         guest = self.ask(vm.name, lambda a: self.kill_in_guest(a, ctr_id))
         self.db.remove_ctr(ctr_id)
+        self._sync_records(vm.name)
         if vm.mode != "mcpv":
             self._shrink(vm.name)
         after = self._measure(device, vm)
         returned = None if before is None or after is None else max(0, before - after)
         return KillResult(ctr_id, vm.name, returned, guest)
+
+    def _sync_records(self, vm: str) -> None:
+        """A libvirt VM's domain carries its CZone records (the store stays
+        the source of truth for czonectl; the domain tells anyone who asks
+        libvirt).  Best effort: the operation has happened."""
+        rec = self.db.get(vm)
+        if rec.backend != "libvirt" or rec.uri is None:
+            return
+        ctrs = [{"id": c.id, "fn": c.fn, "czone": c.czone, "memory_mib": c.memory_mib,
+                 "state": c.state} for c in self.db.ctrs() if c.vm == vm]
+        try:
+            libvirt_backend.set_records(rec.uri, vm, rec.fn, rec.mode, rec.memory_mode, ctrs)
+        except CZoneError as e:
+            self.progress(f"warning: the domain of {vm} does not list its containers: {e}")
 
     def _shrink(self, vm: str) -> None:
         """An MCPV baseline after a kill: the requested size falls to what the
@@ -882,7 +979,7 @@ class Service:
             machine = self.machine(vm)
             try:
                 if vm.memory_mode in ("czone", "virtio-mem"):
-                    plugged = qmp.device_size(machine, MEMORY_DEVICE_ID[vm.memory_mode])
+                    plugged = qmp.device_size(machine, self._device(vm))
                 elif vm.memory_mode == "balloon":
                     plugged = qmp.balloon_actual(machine)
                 else:

@@ -25,6 +25,7 @@ import psutil
 
 from czone.artifacts import cache_dir
 from czone.errors import CZoneError
+from czone.libvirt_backend import domain_status
 from czone.qemu.machine import live_process
 
 Status = Literal["running", "starting", "dead"]
@@ -67,6 +68,9 @@ VM_COLUMNS_V2 = (("fn", "TEXT"), ("mode", "TEXT"), ("memory_mode", "TEXT NOT NUL
 # VM's address (CIDR) and its tap there.  Older records read as "user".
 VM_COLUMNS_V3 = (("net", "TEXT NOT NULL DEFAULT 'user'"), ("netns", "TEXT"),
                  ("net_addr", "TEXT"), ("tap", "TEXT"))
+# Version 4, the backend: "qemu" (a QEMU process of ours) or "libvirt" (a
+# domain at ``uri``).  Older records read as "qemu".
+VM_COLUMNS_V4 = (("backend", "TEXT NOT NULL DEFAULT 'qemu'"), ("uri", "TEXT"))
 
 
 class StateError(CZoneError):
@@ -127,6 +131,8 @@ class VmRecord:
     netns: str | None = None
     net_addr: str | None = None
     tap: str | None = None
+    backend: str = "qemu"
+    uri: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,6 +143,12 @@ def pid_matches(pid: int, proc_start: float) -> bool:
 
 
 def status(record: VmRecord) -> Status:
+    """A libvirt VM's state is libvirt's once it is up (a domain destroyed
+    behind our back is dead); if libvirt cannot be asked, its QEMU pid's."""
+    if record.backend == "libvirt" and record.state != "starting" and record.uri:
+        seen = domain_status(record.uri, record.name)
+        if seen is not None:
+            return seen  # type: ignore[return-value]
     if not pid_matches(record.pid, record.proc_start):
         return "dead"
     return "starting" if record.state == "starting" else "running"
@@ -171,7 +183,7 @@ class StateDB:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(SCHEMA)
         have = {r[1] for r in conn.execute("PRAGMA table_info(vms)")}
-        for col, sqltype in VM_COLUMNS_V2 + VM_COLUMNS_V3:
+        for col, sqltype in VM_COLUMNS_V2 + VM_COLUMNS_V3 + VM_COLUMNS_V4:
             if col not in have:
                 try:
                     conn.execute(f"ALTER TABLE vms ADD COLUMN {col} {sqltype}")

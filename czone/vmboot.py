@@ -22,14 +22,17 @@ class BootError(CZoneError):
 
 
 def boot_machine(spec: VmSpec, ssh_key: Path, timeout: float = BOOT_TIMEOUT,
-                 tpl: template.Template | None = None) -> tuple[Machine, dict[str, float]]:
+                 tpl: template.Template | None = None,
+                 machine: Machine | None = None) -> tuple[Machine, dict[str, float]]:
     """Launch ``spec`` and wait until it serves: the one boot sequence of every
     VM (records, benchmarks and tests alike).  A boot waits for the kernel to
     hand over to init, for sshd, for an SSH command and, with a function base
     image, for the agent; a clone of template ``tpl`` loads its state instead
     of booting.  Returns the machine and the seconds each stage took from the
-    launch; on failure QEMU is stopped and the error carries its logs."""
-    machine = Machine(spec, ssh_key=ssh_key)
+    launch; on failure QEMU is stopped and the error carries its logs.
+    ``machine``: the not yet launched Machine of ``spec`` to boot (a libvirt
+    domain's); by default a QEMU process of ours."""
+    machine = machine or Machine(spec, ssh_key=ssh_key)
     t0 = time.monotonic()
     times: dict[str, float] = {}
     try:

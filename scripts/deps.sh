@@ -18,6 +18,9 @@ PKGS=(
 	gdb
 	# static in-guest tools
 	libc6-dev libcap-dev
+	# the libvirt backend: the tests start a private libvirtd; libvirt-dev
+	# builds libvirt-python
+	libvirt-daemon-system libvirt-dev
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -55,9 +58,10 @@ if [ ! -x "$venv/bin/python" ]; then
 	python3 -m venv "$venv"
 fi
 # Reinstall only when the package metadata changed.
-want=$(sha256sum "$here/pyproject.toml" | cut -c1-16)
+extras=dev,bench,libvirt
+want=$( (cat "$here/pyproject.toml"; echo "$extras") | sha256sum | cut -c1-16)
 if [ "$(cat "$venv/.czone-installed" 2>/dev/null)" != "$want" ]; then
-	"$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev,bench]"
+	"$venv/bin/pip" install -q --disable-pip-version-check -e "$here[$extras]"
 	echo "$want" > "$venv/.czone-installed"
 	echo "deps: Python package installed in $venv"
 else

@@ -124,3 +124,26 @@ def microvm_factory(request: pytest.FixtureRequest,
 @pytest.fixture
 def booted_vm(microvm_factory: MicrovmFactory) -> Machine:
     return microvm_factory.boot()
+
+
+@pytest.fixture
+def libvirtd(request: pytest.FixtureRequest) -> Iterator[object]:
+    """A private libvirtd (tests/vm/libvirtd.py), stopped afterwards with every
+    domain it still had destroyed and undefined; its logs kept if the test failed."""
+    if not shutil.which("libvirtd"):
+        pytest.fail("libvirtd is not installed: run scripts/deps.sh", pytrace=False)
+    from tests.vm.libvirtd import PrivateLibvirtd
+
+    daemon = PrivateLibvirtd(Path(tempfile.mkdtemp(prefix="czone-lvd-")))
+    started = False
+    try:
+        daemon.start()
+        started = True
+        yield daemon
+    finally:
+        failed = not started or any(
+            getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
+            for w in ("setup", "call"))
+        if failed:
+            daemon.save_logs(REPO / "test-artifacts" / request.node.name / "libvirtd")
+        daemon.stop()

@@ -1,0 +1,407 @@
+"""The libvirt backend: a VM is a libvirt domain, defined from
+``libvirt_xml.build_xml`` and driven through libvirt-python.
+
+``LibvirtMachine`` is the ``Machine`` of such a VM: the service layer and
+the boot sequence use it exactly like a plain QEMU process, but QMP goes
+through ``libvirt_qemu.qemuMonitorCommand`` and QMP events through
+libvirt's event loop (no monitor socket of ours), the domain's state is
+libvirt's, and the shutdown is destroy + undefine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from czone.errors import CZoneError
+from czone.libvirt_xml import CZONE_NS, build_xml, device_id, domain_name, metadata
+from czone.qemu.cmdline import VmSpec
+from czone.qemu.machine import Machine, VmLaunchError, tail
+from czone.qemu.qmp import QmpCommandError, QmpTimeout
+
+BACKENDS = ("qemu", "libvirt")
+DEFAULT_URI = "qemu:///system"
+# How long after the domain starts its QEMU process must show (it runs at once).
+PID_TIMEOUT = 10.0
+
+_lock = threading.Lock()
+_conns: dict[str, Any] = {}
+_failed: dict[str, tuple[float, str]] = {}
+# Seconds a failed connection is not retried (within one process).
+RETRY_AFTER = 5.0
+_loop_started = False
+
+
+class LibvirtError(CZoneError):
+    pass
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt  # noqa: PLC0415 (an optional dependency, needed only here)
+    except ImportError:
+        raise LibvirtError("--backend libvirt needs libvirt-python: "
+                           "pip install 'czone[libvirt]'") from None
+    return libvirt
+
+
+def _start_event_loop(libvirt: Any) -> None:
+    """libvirt's default event loop, in a daemon thread: it must be registered
+    before the first connection is opened, and it delivers QMP events."""
+    global _loop_started
+    if _loop_started:
+        return
+    libvirt.virEventRegisterDefaultImpl()
+
+    def run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+    _loop_started = True
+
+
+def connect(uri: str) -> Any:
+    """This process's connection to ``uri`` (opened once, reopened if it died)."""
+    libvirt = _libvirt()
+    with _lock:
+        conn = _conns.get(uri)
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                if conn.isAlive():
+                    return conn
+            _conns.pop(uri, None)
+        # An URI that just failed fails again at once: status() asks for every
+        # record, sometimes under the store's lock, and a remote URI can take
+        # long to fail.
+        failed = _failed.get(uri)
+        if failed is not None and time.monotonic() - failed[0] < RETRY_AFTER:
+            raise LibvirtError(failed[1])
+        # libvirt prints every error on stderr; ours are raised, one line each.
+        libvirt.registerErrorHandler(lambda *_: None, None)
+        _start_event_loop(libvirt)
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            msg = f"cannot connect to libvirt at {uri}: {e.get_error_message()}"
+            _failed[uri] = (time.monotonic(), msg)
+            raise LibvirtError(msg) from None
+        _failed.pop(uri, None)
+        _conns[uri] = conn
+        return conn
+
+
+def lookup(uri: str, vm: str) -> Any | None:
+    """The domain of VM ``vm``, or None if ``uri`` has none of that name."""
+    libvirt = _libvirt()
+    try:
+        return connect(uri).lookupByName(domain_name(vm))
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise LibvirtError(f"libvirt at {uri}: {e.get_error_message()}") from None
+
+
+def is_ours(dom: Any) -> bool:
+    """Whether ``dom`` carries our metadata element (a CZone VM)."""
+    libvirt = _libvirt()
+    try:
+        dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CZONE_NS)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def set_records(uri: str, vm: str, fn: str | None, mode: str | None, memory_mode: str,
+                containers: list[dict[str, Any]]) -> None:
+    """Rewrite our metadata element of VM ``vm``'s domain, live and in its
+    definition, with its CZone records."""
+    libvirt = _libvirt()
+    dom = lookup(uri, vm)
+    if dom is None or not is_ours(dom):
+        raise LibvirtError(f"no domain {domain_name(vm)} of ours at {uri}")
+    el = metadata(vm, fn, mode, memory_mode, containers)
+    for e in el.iter():  # libvirt puts the element into CZONE_NS itself
+        e.tag = e.tag.rpartition("}")[2]
+    xml = ET.tostring(el, encoding="unicode")
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    if dom.isActive():
+        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+    try:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, "czone", CZONE_NS, flags)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"domain {dom.name()} at {uri}: {e.get_error_message()}") from None
+
+
+def records(dom: Any) -> list[dict[str, Any]]:
+    """The CZone records in ``dom``'s metadata ([] if it has none)."""
+    libvirt = _libvirt()
+    try:
+        el = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CZONE_NS))
+    except libvirt.libvirtError:
+        return []
+    return list(json.loads(el.findtext("containers") or "[]"))
+
+
+def our_domains(uri: str) -> dict[str, bool]:
+    """The CZone VMs ``uri`` has domains for (by our metadata), and whether
+    each is active."""
+    libvirt = _libvirt()
+    out = {}
+    try:
+        for dom in connect(uri).listAllDomains():
+            try:
+                el = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CZONE_NS))
+            except libvirt.libvirtError:
+                continue  # not ours
+            out[el.get("name", dom.name())] = bool(dom.isActive())
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"libvirt at {uri}: {e.get_error_message()}") from None
+    return out
+
+
+def domain_status(uri: str, vm: str) -> str | None:
+    """``running`` or ``dead`` as libvirt sees VM ``vm`` (a domain shut off,
+    or gone, is dead); None if libvirt cannot be asked."""
+    try:
+        dom = lookup(uri, vm)
+        return "running" if dom is not None and dom.isActive() else "dead"
+    except CZoneError:
+        return None
+    except Exception as e:  # libvirtError (the module may not be importable)
+        if type(e).__name__ == "libvirtError":
+            return None
+        raise
+
+
+def remove_domain(uri: str, vm: str, timeout: float = 10.0) -> str:
+    """Destroy (SIGTERM, then SIGKILL) and undefine VM ``vm``'s domain, if it is
+    ours; idempotent.  Says what it did."""
+    libvirt = _libvirt()
+    dom = lookup(uri, vm)
+    if dom is None:
+        return "no domain"
+    if not is_ours(dom):
+        raise LibvirtError(f"domain {dom.name()} at {uri} is not ours (no CZone metadata); "
+                           "not touching it")
+    what = "undefined"
+    try:
+        if dom.isActive():
+            # graceful: SIGTERM only, then libvirt's own SIGTERM-SIGKILL
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+            deadline = time.monotonic() + timeout
+            while dom.isActive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if dom.isActive():
+                dom.destroy()
+            what = "destroyed and undefined"
+        dom.undefine()
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise LibvirtError(f"domain {domain_name(vm)} at {uri}: "
+                               f"{e.get_error_message()}") from None
+    return what
+
+
+def qemu_processes(uuid: str) -> list[psutil.Process]:
+    """The QEMU processes of the domain with UUID ``uuid`` on this host."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and "qemu" in Path(cmd[0]).name and any(
+                a == "-uuid" and b == uuid for a, b in zip(cmd, cmd[1:], strict=False)):
+            found.append(p)
+    return found
+
+
+class LibvirtMachine(Machine):
+    """A VM as a libvirt domain at ``uri`` (see the module's doc)."""
+
+    def __init__(self, spec: VmSpec | None, uri: str, ssh_key: Path | None = None, *,
+                 name: str | None = None, fn: str | None = None, mode: str | None = None,
+                 **kw: Any):
+        super().__init__(spec, ssh_key, **kw)
+        self.uri = uri
+        self.name = spec.name if spec is not None else name
+        assert self.name is not None
+        self.xml = build_xml(spec, fn, mode) if spec is not None else ""
+        self.argv = []  # libvirtd writes QEMU's argv; `vm up --dry-run` shows the XML
+        self._dom: Any = None
+        self._events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._callback: int | None = None
+
+    @classmethod
+    def attach_domain(cls, uri: str, name: str, run_dir: Path, pid: int, proc_start: float,
+                      ssh_port: int | None = None, ssh_key: Path | None = None
+                      ) -> LibvirtMachine:
+        from czone.qemu.machine import live_process  # noqa: PLC0415
+
+        m = cls(None, uri, ssh_key, name=name, run_dir=run_dir, ssh_port=ssh_port,
+                proc=live_process(pid, proc_start))
+        m._dom = lookup(uri, name)
+        return m
+
+    def _launch_error(self, msg: str) -> VmLaunchError:
+        err = VmLaunchError(msg, self.argv, "", tail(self.serial_log))
+        err.xml = self.xml  # type: ignore[attr-defined]
+        return err
+
+    def launch(self, qmp_timeout: float = 15.0) -> None:
+        libvirt = _libvirt()
+        if self.spec is None:
+            raise CZoneError("an attached Machine cannot be launched")
+        if self._launched:
+            raise CZoneError(f"VM {self.spec.name} was already launched")
+        conn = connect(self.uri)
+        existing = lookup(self.uri, self.name)
+        if existing is not None:
+            whose = "ours, left by an earlier czonectl" if is_ours(existing) else \
+                "not ours (no CZone metadata)"
+            raise LibvirtError(f"a domain named {existing.name()} already exists at {self.uri} "
+                               f"({whose}); refusing to overwrite it")
+        self._launched = True
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.serial_log.unlink(missing_ok=True)
+        try:
+            self._dom = conn.defineXML(self.xml)
+        except libvirt.libvirtError as e:
+            raise self._launch_error(f"libvirt at {self.uri} refused the domain: "
+                                     f"{e.get_error_message()}") from None
+        try:
+            self._dom.create()
+            self._proc = self._find_qemu()
+        except BaseException as e:
+            with contextlib.suppress(CZoneError, libvirt.libvirtError):
+                remove_domain(self.uri, self.name, timeout=3.0)
+            if isinstance(e, libvirt.libvirtError):
+                raise self._launch_error(f"libvirt at {self.uri} could not start domain "
+                                         f"{self._dom.name()}: {e.get_error_message()}"
+                                         ) from None
+            raise
+
+    def _find_qemu(self) -> psutil.Process:
+        """The domain's QEMU process (libvirt keeps its pid file where another
+        host could not read it; the domain's UUID is on QEMU's command line)."""
+        uuid = self._dom.UUIDString()
+        deadline = time.monotonic() + PID_TIMEOUT
+        while True:
+            procs = qemu_processes(uuid)
+            if len(procs) == 1:
+                return procs[0]
+            if time.monotonic() > deadline:
+                raise self._launch_error(f"domain {self._dom.name()} (uuid {uuid}) runs "
+                                         f"{len(procs)} QEMU processes here, expected one")
+            time.sleep(0.1)
+
+    def is_running(self) -> bool:
+        if self._dom is None:
+            return False
+        try:
+            return bool(self._dom.isActive())
+        except Exception:  # libvirtError: the daemon went away; ask the process
+            return super().is_running()
+
+    def _monitor(self) -> Any:
+        if self._dom is None or not self.is_running():
+            raise QmpCommandError(f"domain {domain_name(self.name)} is not running")
+        if self._callback is None:
+            import libvirt_qemu  # noqa: PLC0415
+
+            def on_event(_conn: Any, _dom: Any, event: str, secs: int, micros: int,
+                         details: str | None, _opaque: Any) -> None:
+                data = json.loads(details) if details else {}
+                self._events.put({"event": event, "data": data,
+                                  "timestamp": {"seconds": secs, "microseconds": micros}})
+
+            self._callback = libvirt_qemu.qemuMonitorEventRegister(
+                connect(self.uri), self._dom, None, on_event, None, 0)
+        return self._dom
+
+    def qmp(self, cmd: str, /, **args: Any) -> Any:
+        import libvirt_qemu  # noqa: PLC0415
+
+        libvirt = _libvirt()
+        dom = self._monitor()
+        msg = {"execute": cmd, **({"arguments": args} if args else {})}
+        try:
+            reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(msg), 0))
+        except libvirt.libvirtError as e:
+            raise QmpCommandError(f"QMP {cmd} through libvirt at {self.uri} failed: "
+                                  f"{e.get_error_message()}") from None
+        if "error" in reply:
+            raise QmpCommandError(f"QMP {cmd} failed: {reply['error'].get('desc', reply)}")
+        return reply.get("return")
+
+    def wait_event(self, name: str, timeout: float, **match: Any) -> dict[str, Any]:
+        self._monitor()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = self._events.get(timeout=left)
+            except queue.Empty:
+                break
+            data = event["data"]
+            if event["event"] == name and all(data.get(k) == v for k, v in match.items()):
+                return event
+        raise QmpTimeout(f"no QMP event {name} {match or ''} within {timeout:.0f}s")
+
+    def resize(self, memory_mode: str, nbytes: int) -> None:
+        """Resize a memory device libvirt owns through libvirt, so that its
+        view (``dumpxml``) stays true: virtio-mem's ``<requested>``, or the
+        balloon's target.  (The czone device is ours: QMP resizes it.)"""
+        libvirt = _libvirt()
+        dom = self._monitor()
+        try:
+            if memory_mode == "balloon":
+                dom.setMemoryFlags(nbytes >> 10, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                return
+            if memory_mode != "virtio-mem":
+                raise CZoneError(f"libvirt does not own the {memory_mode} device")
+            root = ET.fromstring(dom.XMLDesc(0))
+            alias = device_id("virtio-mem")
+            for mem in root.iterfind("devices/memory[@model='virtio-mem']"):
+                if mem.find(f"alias[@name='{alias}']") is not None:
+                    break
+            else:
+                raise CZoneError(f"domain {dom.name()} has no virtio-mem device {alias}")
+            req = mem.find("target/requested")
+            assert req is not None
+            req.text, req.attrib = str(nbytes >> 10), {"unit": "KiB"}
+            dom.updateDeviceFlags(ET.tostring(mem, encoding="unicode"),
+                                  libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as e:
+            raise QmpCommandError(f"resizing the {memory_mode} device of {dom.name()} through "
+                                  f"libvirt: {e.get_error_message()}") from None
+
+    def _close_qmp(self) -> None:
+        if self._callback is not None:
+            import libvirt_qemu  # noqa: PLC0415
+
+            with contextlib.suppress(Exception):
+                libvirt_qemu.qemuMonitorEventDeregister(connect(self.uri), self._callback)
+            self._callback = None
+
+    def _try_quit(self, timeout: float) -> bool:
+        return False  # libvirt stops the domain (shutdown below)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Destroy and undefine the domain; idempotent."""
+        self._close_qmp()
+        self._console.close()
+        if self._dom is None and not self._launched:
+            return
+        remove_domain(self.uri, self.name, timeout)
+        self.stopped_by = "destroy"
+        self._wait_exit(5.0)
+
+    def kill(self) -> None:
+        self.shutdown(timeout=1.0)
