@@ -61,9 +61,10 @@ def startup_ratio(res: Mapping[str, Any]) -> tuple[float, list[float]] | None:
                                                                               strict=False)]
 
 
-def footprint_ratio(res: Mapping[str, Any], n: int, code: bool = True) -> float | None:
+def footprint_ratio(res: Mapping[str, Any], n: int, code: bool = True,
+                    mode: str = "mcpv") -> float | None:
     modes = res.get("modes", {})
-    mc = _fn_keys(modes.get("mcpv", {})).get(n)
+    mc = _fn_keys(modes.get(mode, {})).get(n)
     tp = _fn_keys(modes.get("scpv-template", {})).get(n)
     if not mc or not tp:
         return None
@@ -298,7 +299,7 @@ def report(out: Path, results: Mapping[str, Mapping[str, Any]], prov: Mapping[st
                 if r is None:
                     lines.append(f"| {mode} | {n} | failed | | | |")
                     continue
-                ratio = footprint_ratio(fp, n) if mode != "scpv-template" else 1.0
+                ratio = footprint_ratio(fp, n, mode=mode)
                 lines.append(f"| {mode} | {n} | {r['vms']} | {r['pss'] / MiB:.0f} | "
                              f"{(r['pss'] - r['code_cache_pss']) / MiB:.0f} | {fmt(ratio)} |")
         lines += ["", "One measurement per cell.", ""]

@@ -85,6 +85,9 @@ def test_report_states_what_it_measured_and_what_it_did_not(tmp_path: Path) -> N
     # a mode whose every start failed says so; no number stands in for it
     assert "| scpv-snapshot | failed | n/a | n/a | 0 (3 failed) |" in text
     assert "| scpv-snapshot | 2 | 0 | 50.0 | n/a | n/a |" in text
+    # each footprint row against scpv-template is that row's own mode
+    assert "| scpv-template | 2 | 2 | 800 | 700 | 1.000 |" in text
+    assert "| mcpv | 2 | 1 | 400 | 350 | 0.500 |" in text
     assert "Scenarios not run: reclaim." in text
     # CZone against each baseline; what was not measured is n/a
     assert "| scpv-template | 0.100 | 0.500 | 0.250 |" in text
