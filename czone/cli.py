@@ -15,6 +15,7 @@ import click
 
 from czone import accel as accel_mod
 from czone import artifacts, migrate
+from czone.cli_host import host
 from czone.cli_mem import vm_mem, vm_reclaim, vm_resize
 from czone.cli_replay import replay
 from czone.cli_run import COMMANDS, backend_options
@@ -25,7 +26,7 @@ from czone.libvirt_xml import UnsupportedSpec, build_xml, domain_name
 from czone.netplan import BRIDGE, NET_HELP
 from czone.qemu.cmdline import MEMORY_MODES, Accel, build_argv
 from czone.service import Service
-from czone.state import StateDB, status, validate_name
+from czone.state import StateDB, host_of, status, validate_name
 
 
 class CZoneGroup(click.Group):
@@ -74,6 +75,7 @@ for command in COMMANDS:
     cli.add_command(command)
 cli.add_command(trace)
 cli.add_command(replay)
+cli.add_command(host)
 
 
 @vm.command("up")
@@ -102,11 +104,11 @@ cli.add_command(replay)
 def vm_up(ctx: click.Context, name: str, memory_mib: int, cpus: int, ssh_port: int | None,
           qemu_path: str | None, extra_append: str, boot_timeout: float, memory_mode: str,
           device_memory_mib: int, requested_mib: int | None, net: str, backend: str,
-          uri: str | None, dry_run: bool) -> None:
+          uri: str | None, host: str | None, dry_run: bool) -> None:
     """Boot a VM with the CZone kernel and guest image and wait for SSH."""
     validate_name(name)
     svc = Service(qemu=qemu_path or ctx.obj.get("qemu"), progress=lambda m: click.echo(m, err=True),
-                  backend=backend, uri=uri)
+                  backend=backend, uri=uri, host=host)
     svc.db.ensure_free(name)
     if requested_mib is None:
         requested_mib = device_memory_mib if memory_mode == "czone" else 0
@@ -151,10 +153,11 @@ def vm_list(as_json: bool) -> None:
         click.echo(json.dumps([{**r.to_dict(), "status": status(r)} for r in records],
                               indent=2))
         return
-    rows = [("NAME", "STATUS", "PID", "ACCEL", "MEMORY", "CPUS", "SSH", "NET", "BACKEND")]
+    hosts = StateDB().hosts()
+    rows = [("NAME", "STATUS", "PID", "ACCEL", "MEMORY", "CPUS", "SSH", "NET", "BACKEND", "HOST")]
     rows += [(r.name, status(r), str(r.pid), r.accel, f"{r.memory_mib}M", str(r.cpus),
-              str(r.ssh_port or "-"), r.net_addr or r.net,
-              r.uri if r.backend == "libvirt" else r.backend) for r in records]
+              str(r.ssh_port or "-"), r.net_addr or r.net, r.backend, host_of(r, hosts))
+             for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -17,19 +17,24 @@ from czone.service import RUN_MODES, Service
 
 
 def backend_options(f: Any) -> Any:
-    """``--backend`` and ``--connect``: where a new VM runs (kept in its record)."""
+    """``--backend``, ``--connect`` and ``--host``: where a new VM runs (kept
+    in its record)."""
+    f = click.option("--host", metavar="NAME",
+                     help="With --backend libvirt: boot on this host of `czonectl host list`.")(f)
     f = click.option("--connect", "uri", metavar="URI",
-                     help=f"libvirt URI of --backend libvirt (default {DEFAULT_URI}).")(f)
+                     help="With --backend libvirt: boot at this libvirt URI (default: the "
+                          f"registered host with the most headroom, else {DEFAULT_URI}).")(f)
     return click.option("--backend", type=click.Choice(BACKENDS), default="qemu",
                         show_default=True,
                         help="qemu: a QEMU process of czonectl's; libvirt: a libvirt "
-                             "domain at --connect.")(f)
+                             "domain (see --connect, --host).")(f)
 
 
-def _svc(ctx: click.Context, backend: str = "qemu", uri: str | None = None) -> Service:
+def _svc(ctx: click.Context, backend: str = "qemu", uri: str | None = None,
+         host: str | None = None) -> Service:
     """One Service per command, closed when the command ends."""
     svc = Service(qemu=ctx.obj.get("qemu"), progress=lambda m: click.echo(m, err=True),
-                  backend=backend, uri=uri)
+                  backend=backend, uri=uri, host=host)
     ctx.call_on_close(svc.close)
     return svc
 
@@ -77,11 +82,11 @@ def fn_list() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def run(ctx: click.Context, function: str, mode: str, memory_mib: int | None, net: str,
-        backend: str, uri: str | None, as_json: bool) -> None:
+        backend: str, uri: str | None, host: str | None, as_json: bool) -> None:
     """Start a container of FUNCTION; print its ID and startup latency.  A VM
     booted for it runs on --backend; a container placed into a running VM
     goes wherever that VM runs."""
-    res = _svc(ctx, backend, uri).run(function, mode, memory_mib,  # type: ignore[arg-type]
+    res = _svc(ctx, backend, uri, host).run(function, mode, memory_mib,  # type: ignore[arg-type]
                                       net=net)
     if as_json:
         click.echo(json.dumps(res.__dict__, indent=2))
@@ -116,8 +121,8 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(ctrs, indent=2))
         return
-    rows = [("ID", "FUNCTION", "VM", "STATE", "CZONE", "MEMORY", "STARTUP")]
-    rows += [(c["id"], c["fn"], c["vm"], c["state"], str(c["czone"] or "-"),
+    rows = [("ID", "FUNCTION", "VM", "HOST", "STATE", "CZONE", "MEMORY", "STARTUP")]
+    rows += [(c["id"], c["fn"], c["vm"], c["host"] or "-", c["state"], str(c["czone"] or "-"),
               f"{c['memory_mib']}M",
               f"{c['startup_s'] * 1000:.0f} ms" if c["startup_s"] else "-") for c in ctrs]
     _table(rows)
@@ -178,7 +183,8 @@ def stats(ctx: click.Context, as_json: bool) -> None:
         return
     for vm, s in out.items():
         plugged = "-" if s["plugged_bytes"] is None else f"{s['plugged_bytes'] / MiB:.0f}M"
-        click.echo(f"{vm} ({s['mode']}, {s['fn']}): RSS {s['rss_bytes'] / MiB:.0f}M, "
+        click.echo(f"{vm} ({s['mode']}, {s['fn']}, on {s['host']}): "
+                   f"RSS {s['rss_bytes'] / MiB:.0f}M, "
                    f"PSS {s['pss_bytes'] / MiB:.0f}M, plugged {plugged} of "
                    f"{s['requested_mib']}M requested")
         for cid, c in s["containers"].items():

@@ -212,6 +212,44 @@ def remove_domain(uri: str, vm: str, timeout: float = 10.0) -> str:
     return what
 
 
+def node_free(uri: str) -> int:
+    """The free memory of ``uri``'s host in bytes, as libvirt reports it
+    (virNodeGetFreeMemory)."""
+    libvirt = _libvirt()
+    try:
+        return int(connect(uri).getFreeMemory())
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"libvirt at {uri}: {e.get_error_message()}") from None
+
+
+def node_info(uri: str) -> dict[str, Any]:
+    """``uri``'s host as libvirt describes it: hostname, CPUs, memory, and
+    the free memory."""
+    libvirt = _libvirt()
+    try:
+        conn = connect(uri)
+        model, mem_mib, cpus, *_ = conn.getInfo()
+        return {"hostname": conn.getHostname(), "arch": model, "cpus": cpus,
+                "memory_bytes": mem_mib << 20, "free_bytes": int(conn.getFreeMemory()),
+                "libvirt": conn.getLibVersion()}
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"libvirt at {uri}: {e.get_error_message()}") from None
+
+
+def domain_rss(uri: str, vm: str) -> int | None:
+    """The RSS of VM ``vm``'s QEMU in bytes, as libvirt reports it (any
+    host), or None if libvirt cannot say."""
+    libvirt = _libvirt()
+    try:
+        dom = lookup(uri, vm)
+        if dom is None or not dom.isActive():
+            return None
+        rss = dom.memoryStats().get("rss")
+    except (libvirt.libvirtError, LibvirtError):
+        return None
+    return None if rss is None else int(rss) << 10
+
+
 def qemu_processes(uuid: str) -> list[psutil.Process]:
     """The QEMU processes of the domain with UUID ``uuid`` on this host."""
     found = []

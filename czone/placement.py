@@ -78,3 +78,34 @@ def place(fn: str, memory_mib: int, mode: Mode, vms: Iterable[VmView], max_mib: 
         if want <= vm.max_mib:
             return Decision("grow", vm.name, max(want, vm.requested_mib))
     return Decision("boot", requested_mib=round_up(memory_mib, block_mib))
+
+
+@dataclass(frozen=True)
+class HostView:
+    """A libvirt endpoint as placement sees it: the free memory libvirt
+    reports, and what our VMs there were promised but have not touched yet
+    (their boot memory and requested device size, minus their RSS)."""
+
+    name: str
+    free_bytes: int
+    promised_bytes: int = 0
+
+    @property
+    def headroom(self) -> int:
+        return self.free_bytes - self.promised_bytes
+
+
+def choose_host(hosts: Iterable[HostView]) -> str:
+    """The host a new VM boots on: the most headroom (a tie goes to the first
+    name).  A VM that has just booted has touched little of its memory, so
+    free memory alone would send the next VM to the same host."""
+    best = min(hosts, key=lambda h: (-h.headroom, h.name), default=None)
+    if best is None:
+        raise NoFit("no host of the fleet answers")
+    return best.name
+
+
+def unbacked(promised_mib: int, rss_bytes: int | None) -> int:
+    """What a VM may still take from its host: its promise minus its RSS
+    (the whole promise if the RSS is unknown)."""
+    return max(0, (promised_mib << 20) - (rss_bytes or 0))

@@ -26,7 +26,17 @@ from typing import Any
 import psutil
 
 from czone import accel as accel_mod
-from czone import artifacts, bridge, hostmem, libvirt_backend, migrate, netplan, recovery, template
+from czone import (
+    artifacts,
+    bridge,
+    fleet,
+    hostmem,
+    libvirt_backend,
+    migrate,
+    netplan,
+    recovery,
+    template,
+)
 from czone.errors import CZoneError
 from czone.functions import FUNCTIONS, memory_for
 from czone.guest.runtime import AgentError, AgentLost, RuntimeAgent
@@ -50,10 +60,12 @@ from czone.qemu.cmdline import (
 from czone.qemu.machine import Machine, kill_strays, tail
 from czone.state import (
     CtrRecord,
+    HostRecord,
     StateDB,
     VmRecord,
     ctr_insert,
     ctrs_in,
+    host_of,
     process_start,
     status,
     vm_insert,
@@ -151,20 +163,26 @@ class Service:
                  progress: Progress | None = None, cpus: int = 1,
                  tb_size_mib: int | None = None, templates: Path | None = None,
                  kernel: artifacts.Kernel | None = None, netns: str | None = None,
-                 backend: str = "qemu", uri: str | None = None):
+                 backend: str = "qemu", uri: str | None = None, host: str | None = None):
         """``netns``: the network namespace of bridged VMs (default
         $CZONE_NETNS, else ``czone-net``); tests pass a name of their own.
         ``backend``: how this Service boots VMs, "qemu" (a QEMU process of
-        ours) or "libvirt" (a domain at ``uri``, default qemu:///system);
-        each record keeps its own, and later commands follow the record."""
+        ours) or "libvirt": a domain at ``uri``, or on registered ``host``,
+        or else on the host of the fleet with the most headroom (czone/fleet.py;
+        qemu:///system if no host is registered).  Each record keeps its
+        own, and later commands follow the record."""
         if backend not in libvirt_backend.BACKENDS:
             raise ServiceError(f"unknown backend {backend!r} (use "
                                f"{' or '.join(libvirt_backend.BACKENDS)})")
-        if uri is not None and backend != "libvirt":
-            raise ServiceError("--connect is for --backend libvirt")
+        if (uri is not None or host is not None) and backend != "libvirt":
+            raise ServiceError("--connect and --host are for --backend libvirt")
+        if uri is not None and host is not None:
+            raise ServiceError("--connect and --host both say where; give one")
         self.backend = backend
-        self.uri = (uri or libvirt_backend.DEFAULT_URI) if backend == "libvirt" else None
         self.db = db or StateDB()
+        # pinned: one endpoint (None: the fleet's choice, per VM booted)
+        self._pinned = self.db.host(host) if host is not None else \
+            HostRecord(uri, uri, 0.0) if uri is not None else None
         self._kernel_override = kernel
         self._netns = netns
         # keyed by build and VM shape, so run roots may share them
@@ -259,11 +277,40 @@ class Service:
         return spec_for(name, self.db.vm_dir(name), kernel, image, qemu, accel,  # type: ignore[arg-type]
                         ssh_port or free_port(), memory_mib, cpus or self.cpus, **extra)
 
+    def hosts(self) -> list[HostRecord]:
+        """Where this Service may boot a libvirt VM (see ``__init__``)."""
+        if self._pinned is not None:
+            return [self._pinned]
+        return self.db.hosts() or [HostRecord(libvirt_backend.DEFAULT_URI,
+                                              libvirt_backend.DEFAULT_URI, 0.0)]
+
+    def boot_uri(self) -> str | None:
+        """The libvirt URI a new VM boots at (None: a QEMU process of ours)."""
+        if self.backend != "libvirt":
+            return None
+        try:
+            return fleet.boot_host(self.db, self.hosts(), self.progress).uri
+        except CZoneError as e:
+            raise ServiceError(str(e)) from None
+
+    def host_add(self, name: str, uri: str) -> dict[str, Any]:
+        """Register libvirt endpoint ``uri`` as host ``name``; it must answer."""
+        info = libvirt_backend.node_info(uri)
+        return {**self.db.add_host(name, uri).to_dict(), **info}
+
+    def host_list(self) -> list[dict[str, Any]]:
+        return [fleet.describe(self.db, h) for h in self.db.hosts()]
+
+    def host_rm(self, name: str) -> HostRecord:
+        return self.db.remove_host(name)
+
     def vm_up(self, spec: VmSpec, boot_timeout: float = BOOT_TIMEOUT,
               fn: str | None = None, mode: str | None = None) -> VmRecord:
         """Reserve ``spec.name``, boot it and wait for SSH (and the agent)."""
         self.db.ensure_free(spec.name)
         self.check_backend(spec)
+        uri = self.boot_uri()
+        self.check_domain_free(spec, uri)
         if spec.tap is not None:
             bridge.preflight()
         self.reconcile_net()
@@ -273,7 +320,7 @@ class Service:
             ssh_key=str(self.builds[1].ssh_key), run_dir=str(spec.run_dir), accel=spec.accel,
             memory_mib=spec.memory_mib, cpus=spec.cpus, fn=fn, mode=mode,
             memory_mode=spec.memory_mode, device_mib=spec.device_memory_mib,
-            requested_mib=spec.requested_mib, backend=self.backend, uri=self.uri)
+            requested_mib=spec.requested_mib, backend=self.backend, uri=uri)
         if rec.net_addr is not None:
             spec = replace(spec, tap=netplan.nic_at(rec.net_addr))
         self._boot(spec, boot_timeout)
@@ -285,28 +332,33 @@ class Service:
 
     def check_backend(self, spec: VmSpec) -> None:
         """Before anything is reserved: the libvirt backend can run ``spec``
-        and its URI answers (one line of error otherwise)."""
+        (one line of error otherwise)."""
         if self.backend != "libvirt":
             return
         try:
             check_spec(spec)
         except UnsupportedSpec as e:
             raise ServiceError(str(e)) from None
-        assert self.uri is not None
-        dom = libvirt_backend.lookup(self.uri, spec.name)
+
+    @staticmethod
+    def check_domain_free(spec: VmSpec, uri: str | None) -> None:
+        """No domain at ``uri`` has ``spec``'s name: ours or not, it is refused."""
+        if uri is None:
+            return
+        dom = libvirt_backend.lookup(uri, spec.name)
         if dom is not None:
             whose = ("ours, but no record here has it" if libvirt_backend.is_ours(dom)
                      else "not ours: no CZone metadata")
-            raise ServiceError(f"a domain named {dom.name()} already exists at {self.uri} "
+            raise ServiceError(f"a domain named {dom.name()} already exists at {uri} "
                                f"({whose}); refusing to touch it")
 
     def _new_machine(self, spec: VmSpec) -> Machine:
         """The Machine that boots ``spec`` on this Service's backend."""
-        if self.backend != "libvirt":
-            return Machine(spec, ssh_key=self.builds[1].ssh_key)
-        assert self.uri is not None
         rec = self.db.get(spec.name)
-        return LibvirtMachine(spec, self.uri, self.builds[1].ssh_key, fn=rec.fn, mode=rec.mode)
+        if rec.backend != "libvirt":
+            return Machine(spec, ssh_key=self.builds[1].ssh_key)
+        assert rec.uri is not None
+        return LibvirtMachine(spec, rec.uri, self.builds[1].ssh_key, fn=rec.fn, mode=rec.mode)
 
     def _boot(self, spec: VmSpec, boot_timeout: float = BOOT_TIMEOUT,
               tpl: template.Template | None = None) -> None:
@@ -605,15 +657,13 @@ class Service:
         if self.backend == "libvirt" and mode not in MCPV_MODES:
             raise ServiceError(f"{mode} VMs are cloned from templates, which the libvirt "
                                "backend does not do yet; use an MCPV mode")
-        if self.backend == "libvirt":
-            assert self.uri is not None
-            libvirt_backend.connect(self.uri)  # an unreachable URI fails before any record
         if args and mode == "scpv-snapshot":
             raise ServiceError("an scpv-snapshot container runs its snapshot's command")
         memory_mib = memory_mib or memory_for(fn)
         self.accel()  # a first-time KVM probe must not run under the store's lock
         self.reconcile()
-        ctr_id, vm, boot_spec = self._place(fn, mode, memory_mib, net)
+        uri = self.boot_uri()  # only a new VM needs it; a host that fails fails here
+        ctr_id, vm, boot_spec = self._place(fn, mode, memory_mib, net, uri)
         booted = boot_spec is not None
         gid = guest_id(mode, ctr_id)
         try:
@@ -645,8 +695,8 @@ class Service:
                           f"{warm.get('error')}")
         return RunResult(ctr_id, vm, fn, guest["czone"], startup, booted, guest, warm)
 
-    def _place(self, fn: str, mode: Mode, memory_mib: int,
-               net: str = "user") -> tuple[str, str, VmSpec | None]:
+    def _place(self, fn: str, mode: Mode, memory_mib: int, net: str = "user",
+               uri: str | None = None) -> tuple[str, str, VmSpec | None]:
         """Decide and record, atomically: the container's record, and the new
         VM's record or the grown VM's requested size."""
         me = os.getpid()
@@ -676,7 +726,7 @@ class Service:
                                memory_mib=spec.memory_mib, cpus=spec.cpus, created=time.time(),
                                fn=fn, mode=mode, memory_mode=spec.memory_mode,
                                device_mib=max_mib, requested_mib=d.requested_mib,
-                               backend=self.backend, uri=self.uri, **nets)
+                               backend="libvirt" if uri else "qemu", uri=uri, **nets)
                 vm_insert(conn, rec)
             else:
                 name = d.vm or ""
@@ -930,8 +980,11 @@ class Service:
             raise
 
     def ps(self) -> list[dict[str, Any]]:
+        """The containers, each with the host its VM runs on."""
         self.reconcile()
-        return [r.to_dict() for r in self.db.ctrs()]
+        hosts, vms = self.db.hosts(), {v.name: v for v in self.db.list()}
+        return [{**r.to_dict(), "host": host_of(vms[r.vm], hosts) if r.vm in vms else None}
+                for r in self.db.ctrs()]
 
     def running_vms(self, mode: str | None = "mcpv") -> Iterator[VmRecord]:
         for v in self.db.list():
@@ -975,6 +1028,7 @@ class Service:
         per-container counters."""
         self.reconcile()
         out = {}
+        hosts = self.db.hosts()
         for vm in self.running_vms(mode=None):
             machine = self.machine(vm)
             try:
@@ -987,6 +1041,7 @@ class Service:
             finally:
                 machine.close()
             out[vm.name] = {"fn": vm.fn, "mode": vm.mode, "pid": vm.pid,
+                            "host": host_of(vm, hosts),
                             "rss_bytes": hostmem.rss_bytes(vm.pid),
                             "pss_bytes": hostmem.pss_bytes(vm.pid),
                             "plugged_bytes": plugged, "requested_mib": vm.requested_mib,

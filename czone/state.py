@@ -58,6 +58,11 @@ CREATE TABLE IF NOT EXISTS containers (
     czone INTEGER,
     startup_s REAL,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS hosts (
+    name TEXT PRIMARY KEY,
+    uri TEXT NOT NULL UNIQUE,
+    added REAL NOT NULL
 )
 """
 # Columns added to ``vms`` after its first version: (name, SQL type and default).
@@ -90,6 +95,10 @@ class DuplicateVm(CZoneError):
 
 
 class InvalidName(CZoneError):
+    pass
+
+
+class HostError(CZoneError):
     pass
 
 
@@ -313,6 +322,69 @@ class StateDB:
 
     def remove_ctr(self, ctr_id: str) -> None:
         self._query("DELETE FROM containers WHERE id=?", (ctr_id,))
+
+    # -- the fleet: libvirt endpoints by name --------------------------------
+
+    def hosts(self) -> list[HostRecord]:
+        return [HostRecord(**dict(r)) for r in self._query("SELECT * FROM hosts ORDER BY name")]
+
+    def host(self, name: str) -> HostRecord:
+        rows = self._query("SELECT * FROM hosts WHERE name=?", (name,))
+        if not rows:
+            known = ", ".join(h.name for h in self.hosts()) or "none; `czonectl host add`"
+            raise HostError(f"no host named {name!r} (known: {known})")
+        return HostRecord(**dict(rows[0]))
+
+    def add_host(self, name: str, uri: str) -> HostRecord:
+        if not NAME_RE.fullmatch(name):
+            raise InvalidName(f"invalid host name {name!r}: use 1-32 letters, digits, '_', '.', "
+                              "'-' starting with a letter or digit")
+        rec = HostRecord(name, uri, time.time())
+        with self.transaction() as conn:
+            for row in conn.execute("SELECT name, uri FROM hosts WHERE name=? OR uri=?",
+                                    (name, uri)):
+                raise HostError(f"host {row['name']!r} already has "
+                                + ("that name" if row["name"] == name else f"URI {uri}")
+                                + f" ({row['uri']})")
+            conn.execute("INSERT INTO hosts (name, uri, added) VALUES (?, ?, ?)",
+                         (rec.name, rec.uri, rec.added))
+        return rec
+
+    def remove_host(self, name: str) -> HostRecord:
+        """Forget host ``name``; refused while a VM record is on it."""
+        with self.transaction() as conn:
+            rows = conn.execute("SELECT * FROM hosts WHERE name=?", (name,)).fetchall()
+            if not rows:
+                raise HostError(f"no host named {name!r}")
+            rec = HostRecord(**dict(rows[0]))
+            vms = [r[0] for r in conn.execute(
+                "SELECT name FROM vms WHERE backend='libvirt' AND uri=? ORDER BY name",
+                (rec.uri,))]
+            if vms:
+                raise HostError(f"host {name!r} holds VM(s) {', '.join(vms)}; migrate them "
+                                "away or `czonectl vm down` them first")
+            conn.execute("DELETE FROM hosts WHERE name=?", (name,))
+        return rec
+
+
+@dataclass
+class HostRecord:
+    """A libvirt endpoint of the fleet, by a name of the operator's."""
+
+    name: str
+    uri: str
+    added: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def host_of(vm: VmRecord, hosts: list[HostRecord]) -> str:
+    """Where ``vm`` runs, for people: its host's name, else its URI, else
+    ``local`` (a QEMU process of ours)."""
+    if vm.backend != "libvirt" or not vm.uri:
+        return "local"
+    return next((h.name for h in hosts if h.uri == vm.uri), vm.uri)
 
 
 CtrState = Literal["starting", "running", "stopping", "lost"]

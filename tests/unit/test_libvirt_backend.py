@@ -55,9 +55,11 @@ def test_unsupported_spec_refused_before_any_record(fake_artifacts: dict,
 def test_backend_options_checked() -> None:
     with pytest.raises(ServiceError, match="unknown backend"):
         Service(backend="xen")
-    with pytest.raises(ServiceError, match="--connect is for --backend libvirt"):
+    with pytest.raises(ServiceError, match="--connect and --host are for --backend libvirt"):
         Service(uri="qemu:///system")
-    assert Service(backend="libvirt").uri == "qemu:///system"
+    with pytest.raises(ServiceError, match="give one"):
+        Service(backend="libvirt", uri="qemu:///system", host="h")
+    assert [h.uri for h in Service(backend="libvirt").hosts()] == ["qemu:///system"]
 
 
 def test_old_store_reads_as_qemu_backend(tmp_path: Path) -> None:
