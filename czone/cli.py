@@ -20,8 +20,8 @@ from czone.cli_mem import vm_mem, vm_reclaim, vm_resize
 from czone.cli_replay import replay
 from czone.cli_run import COMMANDS, backend_options
 from czone.cli_trace import trace
+from czone.endpoint import guest_ssh
 from czone.errors import CZoneError
-from czone.guest.ssh import SSHClient
 from czone.libvirt_xml import UnsupportedSpec, build_xml, domain_name
 from czone.netplan import BRIDGE, NET_HELP
 from czone.qemu.cmdline import MEMORY_MODES, Accel, build_argv
@@ -181,7 +181,8 @@ def vm_ssh(ctx: click.Context, name: str, command: tuple[str, ...],
 
     # Standard input goes through, as with ssh; a terminal is not read (no pty).
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer
-    with SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key)) as client:
+    with guest_ssh(rec.uri if rec.backend == "libvirt" else None, rec.ssh_port,
+                   Path(rec.ssh_key)) as client:
         result = client.run(" ".join(command), timeout=timeout, stdin=stdin,
                             on_stdout=sink(sys.stdout), on_stderr=sink(sys.stderr))
     ctx.exit(result.rc)
@@ -201,7 +202,8 @@ def vm_cp(src: Any, dest: str, mode: str) -> None:
     rec = StateDB().running(name)
     if rec.ssh_port is None or rec.ssh_key is None:
         raise CZoneError(f"VM {name!r} has no SSH forward")
-    with SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key)) as client:
+    with guest_ssh(rec.uri if rec.backend == "libvirt" else None, rec.ssh_port,
+                   Path(rec.ssh_key)) as client:
         client.put(src, path, mode)
     click.echo(f"copied {src.name} to {name}:{path}")
 

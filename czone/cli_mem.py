@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from czone import hostmem
+from czone import endpoint, hostmem, libvirt_backend
 from czone.errors import CZoneError
 from czone.qemu import qmp
 from czone.qemu.cmdline import stats_log_path
@@ -95,8 +95,13 @@ def vm_mem(name: str) -> None:
     """The host's view of the VM's memory, and the guest's CZones as its device reports them."""
     rec, vm = _attach(name)
     try:
-        click.echo(f"QEMU pid {rec.pid}: RSS {hostmem.rss_bytes(rec.pid) // MiB} MiB, "
-                   f"PSS {hostmem.pss_bytes(rec.pid) // MiB} MiB")
+        if rec.backend == "libvirt" and endpoint.is_remote(rec.uri):
+            rss = libvirt_backend.domain_rss(rec.uri or "", name)
+            click.echo(f"QEMU on {rec.uri}: RSS "
+                       + ("?" if rss is None else f"{rss // MiB} MiB") + " (libvirt's figure)")
+        else:
+            click.echo(f"QEMU pid {rec.pid}: RSS {hostmem.rss_bytes(rec.pid) // MiB} MiB, "
+                       f"PSS {hostmem.pss_bytes(rec.pid) // MiB} MiB")
         dev = memory_device(vm)
         if dev is None:
             return
@@ -128,6 +133,8 @@ def vm_reclaim(name: str, czone: int | None, idle_for: float, timeout: float) ->
     if czone is not None and idle_for:
         raise click.UsageError("--czone and --idle-for exclude each other")
     r = Service().vm_reclaim(name, czone or 0, idle_for, timeout)
+    drop = r["rss_drop_bytes"]
     click.echo(f"{name}: {r['czones']} CZone(s) reclaimed (request {r['seq']}), the guest gave "
-               f"back {r['bytes'] / MiB:.1f} MiB: {r['rss_drop_bytes'] / MiB:.1f} MiB back to "
-               "the host")
+               f"back {r['bytes'] / MiB:.1f} MiB: " + ("the host's side was not measured"
+                                                       if drop is None else
+                                                       f"{drop / MiB:.1f} MiB back to the host"))

@@ -153,9 +153,11 @@ def _echo_reclaim(vm: str, r: dict[str, Any]) -> None:
     if "error" in r:
         click.echo(f"{vm}: not reclaimed: {r['error']}")
         return
+    drop = r["rss_drop_bytes"]
     click.echo(f"{vm}: {r['czones']} CZone(s) reclaimed, the guest gave back "
-               f"{r['bytes'] / MiB:.1f} MiB: {r['rss_drop_bytes'] / MiB:.1f} MiB "
-               "back to the host")
+               f"{r['bytes'] / MiB:.1f} MiB: " + ("the host's side was not measured"
+                                                  if drop is None else
+                                                  f"{drop / MiB:.1f} MiB back to the host"))
 
 
 @click.command("reclaim")
@@ -183,9 +185,10 @@ def stats(ctx: click.Context, as_json: bool) -> None:
         return
     for vm, s in out.items():
         plugged = "-" if s["plugged_bytes"] is None else f"{s['plugged_bytes'] / MiB:.0f}M"
-        click.echo(f"{vm} ({s['mode']}, {s['fn']}, on {s['host']}): "
-                   f"RSS {s['rss_bytes'] / MiB:.0f}M, "
-                   f"PSS {s['pss_bytes'] / MiB:.0f}M, plugged {plugged} of "
+        rss, pss = (("?" if b is None else f"{b / MiB:.0f}M")
+                    for b in (s["rss_bytes"], s["pss_bytes"]))
+        click.echo(f"{vm} ({s['mode']}, {s['fn']}, on {s['host']}): RSS {rss}, "
+                   f"PSS {pss}, plugged {plugged} of "
                    f"{s['requested_mib']}M requested")
         for cid, c in s["containers"].items():
             st = c.get("czone_stat") or {}

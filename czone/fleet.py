@@ -36,10 +36,11 @@ def promised_mib(vm: VmRecord) -> int:
 def host_view(db: StateDB, host: HostRecord) -> HostView:
     """``host`` as placement sees it (LibvirtError if it does not answer)."""
     free = libvirt_backend.node_free(host.uri)
+    vms = [v for v in db.list()
+           if v.backend == "libvirt" and v.uri == host.uri and status(v) != "dead"]
     promised = sum(unbacked(promised_mib(v), libvirt_backend.domain_rss(host.uri, v.name))
-                   for v in db.list()
-                   if v.backend == "libvirt" and v.uri == host.uri and status(v) != "dead")
-    return HostView(host.name, free, promised)
+                   for v in vms)
+    return HostView(host.name, free, promised, len(vms))
 
 
 def boot_host(db: StateDB, hosts: list[HostRecord],

@@ -21,7 +21,9 @@ from typing import Any
 
 import psutil
 
+from czone import endpoint
 from czone.errors import CZoneError
+from czone.guest.ssh import SSHClient
 from czone.libvirt_xml import CZONE_NS, build_xml, device_id, domain_name, metadata
 from czone.qemu.cmdline import VmSpec
 from czone.qemu.machine import Machine, VmLaunchError, tail
@@ -271,9 +273,12 @@ class LibvirtMachine(Machine):
         self.uri = uri
         self.name = spec.name if spec is not None else name
         assert self.name is not None
-        self.xml = build_xml(spec, fn, mode) if spec is not None else ""
+        # Another machine's QEMU: no process or files of it here (czone/endpoint.py).
+        self.remote = endpoint.is_remote(uri)
+        self.xml = build_xml(spec, fn, mode, self.remote) if spec is not None else ""
         self.argv = []  # libvirtd writes QEMU's argv; `vm up --dry-run` shows the XML
         self._dom: Any = None
+        self._stream: Any = None
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._callback: int | None = None
 
@@ -316,7 +321,10 @@ class LibvirtMachine(Machine):
                                      f"{e.get_error_message()}") from None
         try:
             self._dom.create()
-            self._proc = self._find_qemu()
+            if self.remote:
+                self._stream_console()
+            else:
+                self._proc = self._find_qemu()
         except BaseException as e:
             with contextlib.suppress(CZoneError, libvirt.libvirtError):
                 remove_domain(self.uri, self.name, timeout=3.0)
@@ -325,6 +333,48 @@ class LibvirtMachine(Machine):
                                          f"{self._dom.name()}: {e.get_error_message()}"
                                          ) from None
             raise
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's pid; 0 on a remote host, where there is no process of it here."""
+        return 0 if self.remote else super().pid
+
+    @property
+    def proc_start(self) -> float | None:
+        return 0.0 if self.remote else super().proc_start
+
+    def ssh(self) -> SSHClient:
+        if self.ssh_port is None or self.ssh_key is None:
+            raise CZoneError("this VM has no SSH port or key")
+        return endpoint.guest_ssh(self.uri, self.ssh_port, self.ssh_key)
+
+    def _stream_console(self) -> None:
+        """A remote domain's console, copied into our serial log as it comes
+        (for the boot's markers and the evidence of a failed boot)."""
+        libvirt = _libvirt()
+        stream = connect(self.uri).newStream(0)
+        self._dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        self._stream = stream
+
+        def pump() -> None:
+            with open(self.serial_log, "ab") as log:
+                while True:
+                    try:
+                        data = stream.recv(1 << 16)
+                    except libvirt.libvirtError:
+                        return
+                    if not isinstance(data, bytes) or not data:
+                        return
+                    log.write(data)
+                    log.flush()
+
+        threading.Thread(target=pump, name=f"console-{self.name}", daemon=True).start()
+
+    def _stop_console(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._stream.abort()
+            self._stream = None
 
     def _find_qemu(self) -> psutil.Process:
         """The domain's QEMU process (libvirt keeps its pid file where another
@@ -420,6 +470,10 @@ class LibvirtMachine(Machine):
             raise QmpCommandError(f"resizing the {memory_mode} device of {dom.name()} through "
                                   f"libvirt: {e.get_error_message()}") from None
 
+    def close(self) -> None:
+        self._stop_console()
+        super().close()
+
     def _close_qmp(self) -> None:
         if self._callback is not None:
             import libvirt_qemu  # noqa: PLC0415
@@ -433,6 +487,7 @@ class LibvirtMachine(Machine):
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Destroy and undefine the domain; idempotent."""
+        self._stop_console()
         self._close_qmp()
         self._console.close()
         if self._dom is None and not self._launched:

@@ -9,6 +9,11 @@ the virtio-czone device, the user-mode network with its SSH forward (slirp
 has no port forwards in libvirt 9.0) and the firmware directories.  QMP is
 libvirt's own monitor: there is no socket of ours.
 
+A domain for a *remote* host (``czone/endpoint.py``) keeps nothing in our
+run dir, which is on this machine: its serial console is a pty that
+czonectl streams through libvirt, logged by libvirt in its own log
+directory, and the device's statistics trace is left out.
+
 Nothing here touches a file, the environment or a process.
 """
 
@@ -54,6 +59,11 @@ def device_id(memory_mode: str) -> str:
     carry user aliases (``ua-``); the czone device is ours, via the command line."""
     dev = MEMORY_DEVICE_ID[memory_mode]
     return dev if memory_mode in ("czone", "balloon") else USER_ALIAS + dev
+
+
+def remote_serial_log(vm: str) -> str:
+    """Where a remote host's libvirtd logs VM ``vm``'s console (its log dir)."""
+    return f"/var/log/libvirt/qemu/{domain_name(vm)}.serial.log"
 
 
 def check_spec(spec: VmSpec) -> None:
@@ -126,7 +136,7 @@ def _disk(devices: ET.Element, path: str, dev: str) -> None:
     _sub(disk, "readonly")
 
 
-def _devices(dom: ET.Element, spec: VmSpec) -> None:
+def _devices(dom: ET.Element, spec: VmSpec, remote: bool) -> None:
     devices = _sub(dom, "devices")
     _sub(devices, "emulator", str(spec.qemu))
     # Order matters: the guest finds the root on vda and the base image on vdb.
@@ -134,8 +144,12 @@ def _devices(dom: ET.Element, spec: VmSpec) -> None:
     if spec.fnbase is not None:
         _disk(devices, str(spec.fnbase), "vdb")
     _sub(devices, "controller", type="usb", model="none")
-    serial = _sub(devices, "serial", type="file")
-    _sub(serial, "source", path=str(serial_log_path(spec.run_dir)))
+    if remote:
+        serial = _sub(devices, "serial", type="pty")
+        _sub(serial, "log", file=remote_serial_log(spec.name), append="off")
+    else:
+        serial = _sub(devices, "serial", type="file")
+        _sub(serial, "source", path=str(serial_log_path(spec.run_dir)))
     _sub(serial, "target", port="0")
     if spec.memory_mode == "virtio-mem":
         mem = _sub(devices, "memory", model="virtio-mem")
@@ -157,7 +171,7 @@ def _pcie0(what: str) -> str:
     return f"bus=pcie.0,addr={PCI_SLOT[what]:#x}"
 
 
-def qemu_args(spec: VmSpec) -> list[str]:
+def qemu_args(spec: VmSpec, remote: bool = False) -> list[str]:
     """What goes through ``<qemu:commandline>``: what libvirt has no element for."""
     args = firmware_args(spec)
     if spec.ssh_port is not None:
@@ -168,8 +182,10 @@ def qemu_args(spec: VmSpec) -> list[str]:
         args += ["-object", f"memory-backend-memfd,id=mem-{dev},size={spec.device_memory_mib}M",
                  "-device", f"virtio-czone-pci,id={dev},memdev=mem-{dev},"
                             f"block-size={spec.block_mib}M,requested-size={spec.requested_mib}M,"
-                            + _pcie0("czone"),
-                 "-trace", "enable=virtio_czone_stats", "-D", str(stats_log_path(spec.run_dir))]
+                            + _pcie0("czone")]
+        if not remote:
+            args += ["-trace", "enable=virtio_czone_stats",
+                     "-D", str(stats_log_path(spec.run_dir))]
     return args + list(spec.extra_args)
 
 
@@ -187,8 +203,10 @@ def metadata(name: str, fn: str | None, mode: str | None, memory_mode: str,
     return el
 
 
-def build_xml(spec: VmSpec, fn: str | None = None, mode: str | None = None) -> str:
-    """The domain of ``spec`` (UnsupportedSpec if this backend cannot run it)."""
+def build_xml(spec: VmSpec, fn: str | None = None, mode: str | None = None,
+              remote: bool = False) -> str:
+    """The domain of ``spec`` (UnsupportedSpec if this backend cannot run it),
+    for a host that is not this machine if ``remote``."""
     check_spec(spec)
     dom = ET.Element("domain", {"type": "kvm" if spec.accel == "kvm" else "qemu"})
     _sub(dom, "name", domain_name(spec.name))
@@ -196,9 +214,9 @@ def build_xml(spec: VmSpec, fn: str | None = None, mode: str | None = None) -> s
     _memory(dom, spec)
     _os(dom, spec)
     _features(dom, spec)
-    _devices(dom, spec)
+    _devices(dom, spec, remote)
     cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
-    for arg in qemu_args(spec):
+    for arg in qemu_args(spec, remote):
         ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode")

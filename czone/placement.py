@@ -80,15 +80,22 @@ def place(fn: str, memory_mib: int, mode: Mode, vms: Iterable[VmView], max_mib: 
     return Decision("boot", requested_mib=round_up(memory_mib, block_mib))
 
 
+# Free memory moves by more than this between two reads on a busy host:
+# headrooms this close count as equal.
+HEADROOM_NOISE = 128 << 20
+
+
 @dataclass(frozen=True)
 class HostView:
     """A libvirt endpoint as placement sees it: the free memory libvirt
-    reports, and what our VMs there were promised but have not touched yet
-    (their boot memory and requested device size, minus their RSS)."""
+    reports, what our VMs there were promised but have not touched yet
+    (their boot memory and requested device size, minus their RSS), and how
+    many of our VMs it runs."""
 
     name: str
     free_bytes: int
     promised_bytes: int = 0
+    vms: int = 0
 
     @property
     def headroom(self) -> int:
@@ -96,13 +103,17 @@ class HostView:
 
 
 def choose_host(hosts: Iterable[HostView]) -> str:
-    """The host a new VM boots on: the most headroom (a tie goes to the first
-    name).  A VM that has just booted has touched little of its memory, so
-    free memory alone would send the next VM to the same host."""
-    best = min(hosts, key=lambda h: (-h.headroom, h.name), default=None)
-    if best is None:
+    """The host a new VM boots on: the most headroom; among hosts within
+    ``HEADROOM_NOISE`` of it, the one with the fewest of our VMs, then the
+    first name.  A VM that has just booted has touched little of its memory,
+    so free memory alone would send the next VM to the same host; and two
+    endpoints of one machine report the same free memory."""
+    hosts = list(hosts)
+    if not hosts:
         raise NoFit("no host of the fleet answers")
-    return best.name
+    top = max(h.headroom for h in hosts)
+    return min((h for h in hosts if top - h.headroom <= HEADROOM_NOISE),
+               key=lambda h: (h.vms, h.name)).name
 
 
 def unbacked(promised_mib: int, rss_bytes: int | None) -> int:

@@ -29,6 +29,7 @@ from czone import accel as accel_mod
 from czone import (
     artifacts,
     bridge,
+    endpoint,
     fleet,
     hostmem,
     libvirt_backend,
@@ -582,7 +583,8 @@ class Service:
         rec = self.db.running(vm)
         if rec.ssh_port is None or rec.ssh_key is None:
             raise ServiceError(f"VM {vm!r} has no SSH forward")
-        ssh = SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key))
+        ssh = endpoint.guest_ssh(rec.uri if rec.backend == "libvirt" else None, rec.ssh_port,
+                                 Path(rec.ssh_key))
         # dropbear drops handshakes beyond a few at once from one address
         # (all of ours come through QEMU's user network): back off and retry.
         deadline = time.monotonic() + CONNECT_TIMEOUT
@@ -963,7 +965,12 @@ class Service:
         self._apply_requested(vm)
 
     def _measure(self, read: Callable[[int], int], vm: VmRecord) -> int | None:
-        """A host-side measurement that must not fail the operation around it."""
+        """A host-side measurement that must not fail the operation around it.
+        On a remote host (czone/endpoint.py) no process of the VM is here:
+        QEMU's whole RSS as libvirt reports it stands in."""
+        if vm.backend == "libvirt" and endpoint.is_remote(vm.uri):
+            assert vm.uri is not None
+            return libvirt_backend.domain_rss(vm.uri, vm.name)
         try:
             return read(vm.pid)
         except (CZoneError, OSError) as e:
@@ -1003,12 +1010,13 @@ class Service:
                                f"(memory mode {rec.memory_mode})")
         machine = self.machine(rec)
         try:
-            before = hostmem.stable_mapping_rss(rec.pid, DEVICE_MEMFD)
+            before = self._measure(self._device_rss, rec)
             res = qmp.reclaim(machine, DEVICE, timeout, czone, round(idle_for * 1000))
-            after = hostmem.stable_mapping_rss(rec.pid, DEVICE_MEMFD)
+            after = self._measure(self._device_rss, rec)
         finally:
             machine.close()
-        return {**res, "rss_drop_bytes": before - after}
+        return {**res, "rss_drop_bytes": None if before is None or after is None
+                else before - after}
 
     def reclaim(self, idle_for: float = 0.0) -> dict[str, dict[str, Any]]:
         """Idle reclaim in every MCPV VM: the free memory of CZones that handed
@@ -1042,8 +1050,9 @@ class Service:
                 machine.close()
             out[vm.name] = {"fn": vm.fn, "mode": vm.mode, "pid": vm.pid,
                             "host": host_of(vm, hosts),
-                            "rss_bytes": hostmem.rss_bytes(vm.pid),
-                            "pss_bytes": hostmem.pss_bytes(vm.pid),
+                            "rss_bytes": self._measure(hostmem.rss_bytes, vm),
+                            "pss_bytes": None if endpoint.is_remote(vm.uri)
+                            else hostmem.pss_bytes(vm.pid),
                             "plugged_bytes": plugged, "requested_mib": vm.requested_mib,
                             "containers": self.ask(vm.name, lambda a: a.stats())}
         return out

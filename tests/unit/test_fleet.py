@@ -54,8 +54,14 @@ def test_host_records(tmp_path: Path) -> None:
 
 
 def test_choose_host_by_headroom() -> None:
-    assert choose_host([HostView("a", 10 * MiB), HostView("b", 12 * MiB, 4 * MiB)]) == "a"
-    assert choose_host([HostView("b", 10 * MiB), HostView("a", 10 * MiB)]) == "a"  # tie: name
+    GiB = 1 << 30
+    assert choose_host([HostView("a", 10 * GiB), HostView("b", 12 * GiB, 4 * GiB)]) == "a"
+    assert choose_host([HostView("b", 10 * GiB), HostView("a", 10 * GiB)]) == "a"  # tie: name
+    # within the noise of free memory: the host with fewer of our VMs
+    assert choose_host([HostView("a", 10 * GiB, 0, vms=1),
+                        HostView("b", 10 * GiB - 100 * MiB, 0, vms=0)]) == "b"
+    assert choose_host([HostView("a", 10 * GiB, 0, vms=1),
+                        HostView("b", 10 * GiB - 200 * MiB, 0, vms=0)]) == "a"
     with pytest.raises(NoFit):
         choose_host([])
     assert unbacked(512, 100 * MiB) == 412 * MiB
@@ -90,7 +96,7 @@ def test_boot_host_spreads_and_skips_dead_hosts(tmp_path: Path,
     said: list[str] = []
     assert fleet.boot_host(db, [a, b, c], said.append) == b
     assert said == ["warning: host c is passed over: cannot connect to libvirt at qemu:///c"]
-    assert fleet.host_view(db, a).promised_bytes == (512 - 200) * MiB
+    assert fleet.host_view(db, a) == HostView("a", 8 << 30, (512 - 200) * MiB, 1)
     with pytest.raises(fleet.FleetError, match=r"no host answers \(c, d\)"):
         fleet.boot_host(db, [c, replace(c, name="d")], said.append)
 
@@ -103,7 +109,7 @@ def test_cli_host_errors_are_one_line() -> None:
     assert StateDB().hosts() == []
     r = CliRunner().invoke(cli, ["host", "rm", "h1"])
     assert (r.exit_code, r.output.strip()) == (1, "czonectl: error: no host named 'h1'")
-    r = CliRunner().invoke(cli, ["run", "float", "--backend", "libvirt", "--host", "h1"])
+    r = CliRunner().invoke(cli, ["run", "float_operation", "--backend", "libvirt", "--host", "h1"])
     assert r.exit_code == 1 and "no host named 'h1'" in r.output
     r = CliRunner().invoke(cli, ["host", "list"])
     assert r.exit_code == 0 and "no host registered" in r.output

@@ -1,0 +1,94 @@
+"""A fleet of two libvirt endpoints on this machine (two private libvirtds,
+one reached through a remote URI, ``qemu+tcp://127.0.0.1``): ``czonectl
+host add/list/rm``, placement across them, and which host holds what."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from tests.vm.test_libvirt import czonectl
+
+pytestmark = pytest.mark.vm
+
+NOWHERE = "qemu+tcp://127.0.0.1:1/system"
+
+
+@pytest.fixture
+def two_hosts(artifacts, libvirtd_factory) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
+    """czonectl's environment, and host name -> URI: ``a`` through its Unix
+    socket, ``b`` through TCP."""
+    a = libvirtd_factory("a")
+    b = libvirtd_factory("b", tcp=True)
+    run = tempfile.mkdtemp(prefix="czone-fleet-")
+    env = {**os.environ, "CZONE_RUN": run, "CZONE_ACCEL": artifacts.accel}
+    yield env, {"a": a.uri, "b": b.tcp_uri}
+    subprocess.run(["rm", "-rf", run], check=False)
+
+
+def test_two_hosts_place_list_and_refuse(two_hosts) -> None:
+    env, uris = two_hosts
+
+    def ok(*args: str) -> str:
+        r = czonectl(env, *args)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    for name, uri in uris.items():
+        assert ok("host", "add", name, uri).startswith(f"host {name}: {uri} (")
+    r = czonectl(env, "host", "add", "c", NOWHERE)
+    assert r.returncode == 1
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith(f"czonectl: error: cannot connect to libvirt at {NOWHERE}: ")
+    r = czonectl(env, "host", "add", "a2", uris["a"])
+    assert r.returncode == 1 and "host 'a' already has URI" in r.stderr
+    hosts = {h["name"]: h for h in json.loads(ok("host", "list", "--json"))}
+    assert set(hosts) == {"a", "b"} and all(h["reachable"] for h in hosts.values())
+
+    # Two functions: the second VM boots on the other host (the first host's
+    # VM has touched little of its promise; or, within the noise of free
+    # memory, the host with fewer VMs wins).
+    first = json.loads(ok("run", "float_operation", "--backend", "libvirt", "--json"))
+    second = json.loads(ok("run", "json_dumps_loads", "--backend", "libvirt", "--json"))
+    assert first["booted"] and second["booted"]
+    # A function's next container goes into its VM, wherever it runs.
+    third = json.loads(ok("run", "float_operation", "--backend", "libvirt", "--json"))
+    assert third["vm"] == first["vm"] and not third["booted"]
+
+    vms = {v["name"]: v for v in json.loads(ok("vm", "list", "--json"))}
+    on = {vm: next(n for n, u in uris.items() if u == vms[vm]["uri"]) for vm in vms}
+    assert sorted(on.values()) == ["a", "b"], on
+    ps = {c["id"]: c for c in json.loads(ok("ps", "--json"))}
+    assert {c: ps[r["id"]]["host"] for c, r in (("1", first), ("2", second), ("3", third))} \
+        == {"1": on[first["vm"]], "2": on[second["vm"]], "3": on[first["vm"]]}
+    assert f"  {on[second['vm']]}  " in ok("ps")
+    stats = json.loads(ok("stats", "--json"))
+    assert {vm: s["host"] for vm, s in stats.items()} == on
+    for ctr in (first, second, third):
+        assert "latency" in czonectl(env, "invoke", ctr["id"]).stderr
+
+    # A host that holds VMs cannot go; the error lists them.
+    host_a_vms = sorted(vm for vm, h in on.items() if h == "a")
+    r = czonectl(env, "host", "rm", "a")
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"czonectl: error: host 'a' holds VM(s) {', '.join(host_a_vms)}"
+                                "; migrate them away or `czonectl vm down` them first")
+    listed = {h["name"]: h["vms"] for h in json.loads(ok("host", "list", "--json"))}
+    assert listed["a"] == host_a_vms
+
+    # --host pins a new VM; the pinned host's VM is used by its function.
+    pinned = json.loads(ok("run", "pyaes", "--backend", "libvirt", "--host", "b", "--json"))
+    assert json.loads(ok("vm", "list", "--json"))[-1]["uri"] == uris["b"]
+
+    for ctr in (first, second, third, pinned):
+        ok("kill", ctr["id"])
+    for vm in json.loads(ok("vm", "list", "--json")):
+        ok("vm", "down", vm["name"])
+    assert ok("host", "rm", "a").strip() == f"host a ({uris['a']}) removed"
+    ok("host", "rm", "b")
+    assert "no host registered" in ok("host", "list")
