@@ -21,6 +21,8 @@ PKGS=(
 	# the libvirt backend: the tests start a private libvirtd; libvirt-dev
 	# builds libvirt-python
 	libvirt-daemon-system libvirt-dev
+	# a "remote" libvirt host in the tests: qemu+ssh to an sshd the test starts
+	openssh-server netcat-openbsd
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -48,6 +50,14 @@ if [ ${#missing[@]} -gt 0 ] || [ ! -e "$stamp" ]; then
 fi
 if [ ${#missing[@]} -gt 0 ]; then
 	echo "deps: installing ${missing[*]}"
+	# Installing starts no service (sshd on port 22, the system libvirtd):
+	# the tests start their own, on 127.0.0.1 or a private socket.
+	policy=/usr/sbin/policy-rc.d
+	if [ ! -e "$policy" ]; then
+		printf '#!/bin/sh\nexit 101\n' > "$policy"
+		chmod 755 "$policy"
+		trap 'rm -f "$policy"' EXIT
+	fi
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
 	echo "deps: Debian packages already installed"

@@ -57,7 +57,7 @@ class PrivateLibvirtd:
         return self.root / "libvirtd.log"
 
     def start(self) -> None:
-        for d in (*DIRS, "sock"):
+        for d in (*DIRS, "sock", "log/qemu"):  # a real host has /var/log/libvirt/qemu
             (self.root / d).mkdir(parents=True, exist_ok=True)
         conf = self.root / "etc" / "libvirtd.conf"
         conf.write_text(f'unix_sock_dir = "{self.socket.parent}"\n'

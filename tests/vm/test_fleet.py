@@ -9,14 +9,38 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
+import libvirt
 import pytest
 
+from czone.net import free_port
+from tests.vm.sshd import PrivateSshd
 from tests.vm.test_libvirt import czonectl
 
 pytestmark = pytest.mark.vm
 
 NOWHERE = "qemu+tcp://127.0.0.1:1/system"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def sshd(request: pytest.FixtureRequest) -> Iterator[PrivateSshd]:
+    """A private sshd on 127.0.0.1 (tests/vm/sshd.py): a remote host's door."""
+    if not Path("/usr/sbin/sshd").exists():
+        pytest.fail("sshd is not installed: run scripts/deps.sh", pytrace=False)
+    daemon = PrivateSshd(Path(tempfile.mkdtemp(prefix="czone-sshd-")), free_port())
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        if any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
+               for w in ("setup", "call")):
+            daemon.save_logs(REPO / "test-artifacts" / request.node.name / "sshd")
+        daemon.stop()
+        # libvirt's ssh (no_verify=1) recorded the throwaway host key
+        subprocess.run(["ssh-keygen", "-q", "-R", f"[127.0.0.1]:{daemon.port}"],
+                       capture_output=True, check=False)
 
 
 @pytest.fixture
@@ -92,3 +116,49 @@ def test_two_hosts_place_list_and_refuse(two_hosts) -> None:
     assert ok("host", "rm", "a").strip() == f"host a ({uris['a']}) removed"
     ok("host", "rm", "b")
     assert "no host registered" in ok("host", "list")
+
+
+def test_a_remote_host_through_ssh(artifacts, libvirtd, sshd) -> None:
+    """A host reached by ``qemu+ssh`` is another machine to czonectl: its
+    domain keeps nothing in our run dir, the console streams through
+    libvirt, the guest's SSH goes through the host's sshd, and memory is
+    libvirt's figure."""
+    run = tempfile.mkdtemp(prefix="czone-fleet-")
+    env = {**os.environ, "CZONE_RUN": run, "CZONE_ACCEL": artifacts.accel}
+    uri = sshd.uri(libvirtd.socket)
+
+    def ok(*args: str) -> str:
+        r = czonectl(env, *args)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    try:
+        ok("host", "add", "far", uri)
+        ctr = json.loads(ok("run", "float_operation", "--backend", "libvirt", "--host", "far",
+                            "--json"))
+        [vm] = json.loads(ok("vm", "list", "--json"))
+        assert (vm["name"], vm["uri"], vm["pid"], vm["status"]) == (ctr["vm"], uri, 0, "running")
+        # the console came through libvirt into our serial log
+        console = (Path(vm["run_dir"]) / "serial.log").read_text(errors="replace")
+        assert "czone-agentd: listening" in console
+        dom = libvirtd.connect().lookupByName(f"czone-{ctr['vm']}")
+        assert run not in dom.XMLDesc(0)
+        assert dom.XMLDesc(0).count("<serial type='pty'>") == 1
+
+        assert json.loads(ok("invoke", ctr["id"]))["n"] > 0  # the agent, through the tunnel
+        assert ok("vm", "ssh", ctr["vm"], "--", "echo", "hello").strip() == "hello"
+        # ... which the host's sshd carried
+        assert ("server_request_direct_tcpip: originator 127.0.0.1 port 0, target 127.0.0.1 "
+                f"port {vm['ssh_port']}") in sshd.log()
+        [c] = json.loads(ok("ps", "--json"))
+        assert c["host"] == "far"
+        s = json.loads(ok("stats", "--json"))[ctr["vm"]]
+        assert s["host"] == "far" and s["pss_bytes"] is None
+        assert s["rss_bytes"] == pytest.approx(dom.memoryStats()["rss"] << 10, rel=0.2)
+        assert "back to the host" in ok("kill", ctr["id"])
+        ok("vm", "down", ctr["vm"])
+        with pytest.raises(libvirt.libvirtError):
+            libvirtd.connect().lookupByName(f"czone-{ctr['vm']}")
+        ok("host", "rm", "far")
+    finally:
+        subprocess.run(["rm", "-rf", run], check=False)
