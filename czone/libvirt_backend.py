@@ -39,6 +39,11 @@ _conns: dict[str, Any] = {}
 _failed: dict[str, tuple[float, str]] = {}
 # Seconds a failed connection is not retried (within one process).
 RETRY_AFTER = 5.0
+# How long a connection that died (libvirtd restarting) is waited for.
+RECONNECT_TIMEOUT = 30.0
+RECONNECT_POLL = 0.5
+# QMP commands that may run twice: retried once after a lost connection.
+IDEMPOTENT_QMP = ("qom-get", "qom-set", "balloon", "query-")
 _loop_started = False
 
 
@@ -72,10 +77,12 @@ def _start_event_loop(libvirt: Any) -> None:
 
 
 def connect(uri: str) -> Any:
-    """This process's connection to ``uri`` (opened once, reopened if it died)."""
+    """This process's connection to ``uri``: opened once; reopened if it died,
+    waiting up to ``RECONNECT_TIMEOUT`` for a libvirtd that restarts."""
     libvirt = _libvirt()
     with _lock:
         conn = _conns.get(uri)
+        died = conn is not None
         if conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 if conn.isAlive():
@@ -90,15 +97,31 @@ def connect(uri: str) -> Any:
         # libvirt prints every error on stderr; ours are raised, one line each.
         libvirt.registerErrorHandler(lambda *_: None, None)
         _start_event_loop(libvirt)
-        try:
-            conn = libvirt.open(uri)
-        except libvirt.libvirtError as e:
-            msg = f"cannot connect to libvirt at {uri}: {e.get_error_message()}"
-            _failed[uri] = (time.monotonic(), msg)
-            raise LibvirtError(msg) from None
+        deadline = time.monotonic() + (RECONNECT_TIMEOUT if died else 0.0)
+        while True:
+            try:
+                conn = libvirt.open(uri)
+                break
+            except libvirt.libvirtError as e:
+                if time.monotonic() < deadline:
+                    time.sleep(RECONNECT_POLL)
+                    continue
+                msg = f"cannot connect to libvirt at {uri}: {e.get_error_message()}"
+                if died:
+                    msg += f" (the connection broke, and it did not come back within " \
+                           f"{RECONNECT_TIMEOUT:.0f}s)"
+                _failed[uri] = (time.monotonic(), msg)
+                raise LibvirtError(msg) from None
         _failed.pop(uri, None)
         _conns[uri] = conn
         return conn
+
+
+def _alive(conn: Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except Exception:  # libvirtError
+        return False
 
 
 def lookup(uri: str, vm: str) -> Any | None:
@@ -320,7 +343,7 @@ class LibvirtMachine(Machine):
             raise self._launch_error(f"libvirt at {self.uri} refused the domain: "
                                      f"{e.get_error_message()}") from None
         try:
-            self._dom.create()
+            self._create()
             if self.remote:
                 self._stream_console()
             else:
@@ -333,6 +356,19 @@ class LibvirtMachine(Machine):
                                          f"{self._dom.name()}: {e.get_error_message()}"
                                          ) from None
             raise
+
+    def _create(self) -> None:
+        """Start the defined domain.  A call cut off by a libvirtd restart is
+        settled by asking the restarted daemon whether the domain runs."""
+        libvirt = _libvirt()
+        try:
+            self._dom.create()
+        except libvirt.libvirtError:
+            if _alive(self._dom.connect()):
+                raise
+            dom = self._fresh_dom()  # waits for the daemon to come back
+            if dom is None or not dom.isActive():
+                raise
 
     @property
     def pid(self) -> int | None:
@@ -390,6 +426,15 @@ class LibvirtMachine(Machine):
                                          f"{len(procs)} QEMU processes here, expected one")
             time.sleep(0.1)
 
+    def _fresh_dom(self) -> Any:
+        """Our domain handle, looked up again if its connection was replaced
+        (libvirtd restarted): a handle lives and dies with its connection,
+        and so does the event callback."""
+        if self._dom is None or self._dom.connect() is not connect(self.uri):
+            self._callback = None
+            self._dom = lookup(self.uri, self.name)
+        return self._dom
+
     def is_running(self) -> bool:
         if self._dom is None:
             return False
@@ -399,6 +444,9 @@ class LibvirtMachine(Machine):
             return super().is_running()
 
     def _monitor(self) -> Any:
+        if self._dom is not None:
+            with contextlib.suppress(CZoneError):
+                self._fresh_dom()
         if self._dom is None or not self.is_running():
             raise QmpCommandError(f"domain {domain_name(self.name)} is not running")
         if self._callback is None:
@@ -418,13 +466,20 @@ class LibvirtMachine(Machine):
         import libvirt_qemu  # noqa: PLC0415
 
         libvirt = _libvirt()
-        dom = self._monitor()
-        msg = {"execute": cmd, **({"arguments": args} if args else {})}
-        try:
-            reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(msg), 0))
-        except libvirt.libvirtError as e:
-            raise QmpCommandError(f"QMP {cmd} through libvirt at {self.uri} failed: "
-                                  f"{e.get_error_message()}") from None
+        msg = json.dumps({"execute": cmd, **({"arguments": args} if args else {})})
+        for attempt in (1, 2):
+            dom = self._monitor()
+            try:
+                reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, msg, 0))
+                break
+            except libvirt.libvirtError as e:
+                cut = not _alive(dom.connect())
+                if cut and attempt == 1 and cmd.startswith(IDEMPOTENT_QMP):
+                    continue  # the next _monitor() reconnects
+                raise QmpCommandError(
+                    f"QMP {cmd} through libvirt at {self.uri} failed: {e.get_error_message()}"
+                    + (" (the connection broke: it may or may not have run)" if cut else "")
+                ) from None
         if "error" in reply:
             raise QmpCommandError(f"QMP {cmd} failed: {reply['error'].get('desc', reply)}")
         return reply.get("return")

@@ -123,3 +123,41 @@ def test_a_failed_uri_is_not_retried_at_once(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(libvirt_backend.LibvirtError):
         libvirt_backend.connect(uri)
     assert calls == [uri, uri]
+
+
+class _Conn:
+    def __init__(self, alive: bool = True):
+        self.alive = alive
+
+    def isAlive(self) -> bool:  # noqa: N802 (libvirt's name)
+        return self.alive
+
+
+def test_a_broken_connection_waits_for_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirtd restarting: a connection that died is reopened once the daemon
+    answers again; a URI never reached fails at once."""
+    import libvirt
+
+    from czone import libvirt_backend
+
+    uri = NOWHERE + "-restart"
+    monkeypatch.setattr(libvirt_backend, "RECONNECT_POLL", 0.01)
+    monkeypatch.setitem(libvirt_backend._conns, uri, _Conn(alive=False))
+    fresh = _Conn()
+    answers = [libvirt.libvirtError("down"), libvirt.libvirtError("down"), fresh]
+
+    def fake_open(u: str) -> _Conn:
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    monkeypatch.setattr(libvirt, "open", fake_open)
+    assert libvirt_backend.connect(uri) is fresh and answers == []
+
+    fresh.alive = False
+    monkeypatch.setattr(libvirt_backend, "RECONNECT_TIMEOUT", 0.05)
+    monkeypatch.setattr(libvirt, "open", lambda u: (_ for _ in ()).throw(
+        libvirt.libvirtError("still down")))
+    with pytest.raises(libvirt_backend.LibvirtError, match="did not come back within 0s"):
+        libvirt_backend.connect(uri)

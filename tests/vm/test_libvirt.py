@@ -235,6 +235,35 @@ def test_libvirtd_restarted_under_a_running_vm(lv_env: dict[str, str], libvirtd,
     assert libvirtd.connect().listAllDomains() == []
 
 
+def test_libvirtd_restarted_while_a_vm_boots(lv_env: dict[str, str], libvirtd) -> None:
+    """libvirtd restarts in the middle of ``run`` (the domain has started,
+    czonectl waits for the guest): czonectl reconnects, and the run ends
+    with the container in the domain's records."""
+    proc = subprocess.Popen([CZONECTL, "run", "float_operation", "--backend", "libvirt",
+                             "--connect", libvirtd.uri, "--json"], env=lv_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        conn = libvirtd.connect()
+        deadline = time.monotonic() + 120
+        while not any(d.isActive() for d in conn.listAllDomains()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no domain started"
+            time.sleep(0.1)
+        conn.close()
+        libvirtd.restart()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    ctr = json.loads(out)
+    [c] = json.loads(czonectl(lv_env, "ps", "--json").stdout)
+    assert (c["id"], c["state"]) == (ctr["id"], "running")
+    dom = libvirtd.connect().lookupByName(f"czone-{ctr['vm']}")
+    meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CZONE_NS))
+    assert [r["id"] for r in json.loads(meta.findtext("containers") or "[]")] == [ctr["id"]]
+    assert json.loads(czonectl(lv_env, "invoke", ctr["id"]).stdout)["n"] > 0
+    assert czonectl(lv_env, "vm", "down", ctr["vm"]).returncode == 0
+
+
 def _libvirt_size_kib(dom, mode: str) -> int:
     """What libvirt believes the memory device is asked for: virtio-mem's
     <requested>, or the balloon's target (<currentMemory>)."""
