@@ -174,6 +174,22 @@ class Namespace:
         return self._netlink(f"cannot create tap {name} in network namespace {self.name}",
                              lambda ipr: _tap_up(ipr, name))
 
+    def adopt_tap(self, staged: str, name: str) -> None:
+        """Move tap ``staged`` (made by ``stage_tap``, opened by libvirtd's
+        QEMU) from the host's namespace into this one as ``name``, on the
+        bridge and up (call locked, after ``ensure``).  QEMU keeps its
+        descriptor: a tap's queue follows the device."""
+        with _failures(f"cannot move tap {staged} into network namespace {self.name}"), \
+                IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=staged)
+            if not found:
+                raise BridgeError(f"tap {staged} is gone from the host's namespace")
+            self._netlink(f"cannot clear tap {name} in network namespace {self.name}",
+                          lambda ns: _delete_link(ns, name))
+            ipr.link("set", index=found[0], net_ns_fd=self.name, ifname=name)
+        self._netlink(f"cannot put tap {name} on the bridge in network namespace {self.name}",
+                      lambda ipr: _enslave(ipr, name))
+
     def delete_tap(self, name: str) -> bool:
         """Delete tap ``name`` if the namespace has it; True if it was there."""
         if not exists(self.name):
@@ -226,6 +242,25 @@ def _delete_link(ipr: IPRoute, name: str) -> bool:
     return True
 
 
+def stage_tap(name: str) -> None:
+    """A persistent tap ``name`` in the host's namespace, for libvirtd to open
+    (a leftover of that name, a launch cut short, is replaced)."""
+    with _failures(f"cannot create tap {name} in the host's namespace"), IPRoute() as ipr:
+        _delete_link(ipr, name)
+        ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+
+
+def unstage_tap(name: str) -> bool:
+    """Delete tap ``name`` from the host's namespace; True if it was there."""
+    with _failures(f"cannot delete tap {name} in the host's namespace"), IPRoute() as ipr:
+        return _delete_link(ipr, name)
+
+
+def _enslave(ipr: IPRoute, name: str) -> None:
+    ipr.link("set", index=ipr.link_lookup(ifname=name)[0],
+             master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+
+
 def _tap_up(ipr: IPRoute, name: str) -> int:
     """Tap ``name`` made by pyroute2 (in this thread's namespace), opened,
     enslaved to the bridge and up: the descriptor."""
@@ -234,8 +269,7 @@ def _tap_up(ipr: IPRoute, name: str) -> int:
     fd = None
     try:
         fd = _attach(name)
-        ipr.link("set", index=ipr.link_lookup(ifname=name)[0],
-                 master=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+        _enslave(ipr, name)
     except BaseException:
         if fd is not None:
             os.close(fd)

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -291,8 +292,11 @@ class LibvirtMachine(Machine):
 
     def __init__(self, spec: VmSpec | None, uri: str, ssh_key: Path | None = None, *,
                  name: str | None = None, fn: str | None = None, mode: str | None = None,
-                 **kw: Any):
+                 on_started: Callable[[], None] | None = None, **kw: Any):
+        """``on_started``: run once the domain runs, before the guest is
+        waited for (the bridged NIC's tap goes onto the bridge)."""
         super().__init__(spec, ssh_key, **kw)
+        self._on_started = on_started
         self.uri = uri
         self.name = spec.name if spec is not None else name
         assert self.name is not None
@@ -348,6 +352,8 @@ class LibvirtMachine(Machine):
                 self._stream_console()
             else:
                 self._proc = self._find_qemu()
+            if self._on_started is not None:
+                self._on_started()
         except BaseException as e:
             with contextlib.suppress(CZoneError, libvirt.libvirtError):
                 remove_domain(self.uri, self.name, timeout=3.0)

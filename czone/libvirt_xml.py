@@ -23,6 +23,7 @@ import json
 import xml.etree.ElementTree as ET
 from typing import Any
 
+from czone.netplan import staging_tap_name
 from czone.qemu.cmdline import (
     MEMORY_DEVICE_ID,
     VmSpec,
@@ -42,7 +43,7 @@ USER_ALIAS = "ua-"
 # Our devices sit on the root bus at fixed slots: QEMU would otherwise give
 # them the first free one before libvirt's own devices claim it (slot 1 is
 # libvirt's root ports), and the domain would not start.
-PCI_SLOT = {"net": 0x10, "czone": 0x11}
+PCI_SLOT = {"net": 0x10, "czone": 0x11, "bridge": 0x12}
 
 
 class UnsupportedSpec(ValueError):
@@ -68,8 +69,6 @@ def remote_serial_log(vm: str) -> str:
 
 def check_spec(spec: VmSpec) -> None:
     """Raise UnsupportedSpec for what this slice of the backend does not do."""
-    if spec.tap is not None:
-        raise UnsupportedSpec("--net bridge is not available with --backend libvirt yet")
     if spec.ram_file is not None or spec.incoming:
         raise UnsupportedSpec("templates and incoming migrations are plain-QEMU only")
     if spec.accel == "tcg" and spec.cpus > 1:
@@ -151,6 +150,8 @@ def _devices(dom: ET.Element, spec: VmSpec, remote: bool) -> None:
         serial = _sub(devices, "serial", type="file")
         _sub(serial, "source", path=str(serial_log_path(spec.run_dir)))
     _sub(serial, "target", port="0")
+    if spec.tap is not None:
+        _bridge_nic(devices, spec)
     if spec.memory_mode == "virtio-mem":
         mem = _sub(devices, "memory", model="virtio-mem")
         target = _sub(mem, "target")
@@ -165,6 +166,21 @@ def _devices(dom: ET.Element, spec: VmSpec, remote: bool) -> None:
             _sub(balloon, "alias", name=device_id("balloon"))
     else:
         _sub(devices, "memballoon", model="none")
+
+
+def _bridge_nic(devices: ET.Element, spec: VmSpec) -> None:
+    """The bridged NIC: a tap libvirtd opens by name in its namespace
+    (``managed='no'``: czonectl made it, and moves it onto the bridge once
+    QEMU holds it).  On the root bus after the user-mode NIC, so that the
+    guest sees it as eth1, as with plain QEMU."""
+    assert spec.tap is not None
+    nic = _sub(devices, "interface", type="ethernet")
+    _sub(nic, "mac", address=spec.tap.mac)
+    _sub(nic, "target", dev=staging_tap_name(spec.name), managed="no")
+    _sub(nic, "model", type="virtio")
+    _sub(nic, "rom", enabled="no")
+    _sub(nic, "address", type="pci", domain="0x0000", bus="0x00",
+         slot=f"{PCI_SLOT['bridge']:#04x}", function="0x0")
 
 
 def _pcie0(what: str) -> str:

@@ -11,6 +11,7 @@ so recovery can find a VM's tap from its record alone.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -77,6 +78,13 @@ def host_of(address: str) -> int:
 
 def tap_name(address: str) -> str:
     return f"{TAP_PREFIX}{host_of(address)}"
+
+
+def staging_tap_name(vm: str) -> str:
+    """The name a libvirt VM's tap has in the host's namespace, where libvirtd
+    opens it, before czonectl moves it into its namespace as ``tap_name``
+    (unique per VM name, within IFNAMSIZ)."""
+    return "czl" + hashlib.sha1(vm.encode()).hexdigest()[:10]
 
 
 def allocate(used: Iterable[str]) -> TapNic:

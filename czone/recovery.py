@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from czone import bridge, libvirt_backend, migrate
 from czone.errors import CZoneError
 from czone.libvirt_xml import domain_name
+from czone.netplan import staging_tap_name
 from czone.placement import MCPV_MODES
 from czone.qemu.machine import kill_strays
 from czone.state import (
@@ -150,6 +151,11 @@ def reconcile_net(svc: Service) -> list[str]:
             for v in vms:
                 if status(v) == "dead" and v.tap and ns.delete_tap(v.tap):
                     done.append(f"VM {v.name}: its tap {v.tap} deleted")
+                staged = staging_tap_name(v.name)
+                if v.backend == "libvirt" and status(v) == "dead" and \
+                        bridge.unstage_tap(staged):
+                    done.append(f"VM {v.name}: its tap {staged} deleted from the host's "
+                                "namespace")
             if all(status(v) == "dead" for v in vms) and ns.remove():
                 done.append(f"network namespace {name} removed: no live VM uses it")
     return done

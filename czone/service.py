@@ -242,6 +242,22 @@ class Service:
             fd = ns.open_tap(spec.tap)
         return replace(spec, tap=replace(spec.tap, fd=fd))
 
+    def _stage_tap(self, spec: VmSpec) -> None:
+        """A libvirt VM's tap, made in the host's namespace for libvirtd to
+        open (with the namespace and bridge it will move to)."""
+        assert spec.tap is not None
+        ns = self._namespace()
+        with ns.locked():
+            ns.ensure()
+        bridge.stage_tap(netplan.staging_tap_name(spec.name))
+
+    def _adopt_tap(self, spec: VmSpec) -> None:
+        assert spec.tap is not None
+        ns = self._namespace()
+        with ns.locked():
+            ns.ensure()
+            ns.adopt_tap(netplan.staging_tap_name(spec.name), netplan.tap_name(spec.tap.address))
+
     def _delete_tap(self, netns: str | None, tap: str | None) -> None:
         """Before the record goes: its address, and so its tap's name, is
         still reserved, so the tap is that VM's and no other's."""
@@ -312,6 +328,7 @@ class Service:
         self.check_backend(spec)
         uri = self.boot_uri()
         self.check_domain_free(spec, uri)
+        self.check_net_at(spec.net, uri)
         if spec.tap is not None:
             bridge.preflight()
         self.reconcile_net()
@@ -342,6 +359,14 @@ class Service:
             raise ServiceError(str(e)) from None
 
     @staticmethod
+    def check_net_at(net: str, uri: str | None) -> None:
+        """The bridge is a namespace on this machine: a remote host's VM
+        cannot be on it."""
+        if net == "bridge" and endpoint.is_remote(uri):
+            raise ServiceError(f"--net bridge is a bridge on this machine; {uri} is another "
+                               "host (use --net user there)")
+
+    @staticmethod
     def check_domain_free(spec: VmSpec, uri: str | None) -> None:
         """No domain at ``uri`` has ``spec``'s name: ours or not, it is refused."""
         if uri is None:
@@ -353,13 +378,13 @@ class Service:
             raise ServiceError(f"a domain named {dom.name()} already exists at {uri} "
                                f"({whose}); refusing to touch it")
 
-    def _new_machine(self, spec: VmSpec) -> Machine:
-        """The Machine that boots ``spec`` on this Service's backend."""
-        rec = self.db.get(spec.name)
+    def _new_machine(self, spec: VmSpec, rec: VmRecord) -> Machine:
+        """The Machine that boots ``spec`` on its record's backend."""
         if rec.backend != "libvirt":
             return Machine(spec, ssh_key=self.builds[1].ssh_key)
         assert rec.uri is not None
-        return LibvirtMachine(spec, rec.uri, self.builds[1].ssh_key, fn=rec.fn, mode=rec.mode)
+        return LibvirtMachine(spec, rec.uri, self.builds[1].ssh_key, fn=rec.fn, mode=rec.mode,
+                              on_started=(lambda: self._adopt_tap(spec)) if spec.tap else None)
 
     def _boot(self, spec: VmSpec, boot_timeout: float = BOOT_TIMEOUT,
               tpl: template.Template | None = None) -> None:
@@ -378,18 +403,25 @@ class Service:
                          if spec.memory_mode != "none" else "") + ")")
         shutil.rmtree(spec.run_dir, ignore_errors=True)
         tap = spec.tap and netplan.tap_name(spec.tap.address)
+        rec = self.db.get(spec.name)
+        staged = tap and rec.backend == "libvirt"
         try:
-            if spec.tap is not None:
+            if staged:
+                self._stage_tap(spec)
+            elif spec.tap is not None:
                 spec = self._open_tap(spec)
             try:
                 machine, times = boot_machine(spec, self.builds[1].ssh_key, boot_timeout, tpl,
-                                              machine=self._new_machine(spec))
+                                              machine=self._new_machine(spec, rec))
             finally:
                 if spec.tap is not None and spec.tap.fd is not None:
                     os.close(spec.tap.fd)  # QEMU has its own copy, or failed
         except BaseException:
             with contextlib.suppress(CZoneError, OSError):
                 self._delete_tap(self.netns if tap else None, tap)
+            if staged:
+                with contextlib.suppress(CZoneError, OSError):
+                    bridge.unstage_tap(netplan.staging_tap_name(spec.name))
             self.db.remove(spec.name)
             with contextlib.suppress(CZoneError, OSError):
                 self._drop_netns_if_unused(self.netns if tap else None)
@@ -665,6 +697,7 @@ class Service:
         self.accel()  # a first-time KVM probe must not run under the store's lock
         self.reconcile()
         uri = self.boot_uri()  # only a new VM needs it; a host that fails fails here
+        self.check_net_at(net, uri)
         ctr_id, vm, boot_spec = self._place(fn, mode, memory_mib, net, uri)
         booted = boot_spec is not None
         gid = guest_id(mode, ctr_id)

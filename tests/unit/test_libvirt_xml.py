@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from czone.libvirt_xml import CZONE_NS, QEMU_NS, UnsupportedSpec, build_xml, device_id
+from czone.netplan import staging_tap_name
 from czone.qemu.cmdline import TapNic, VmSpec, build_argv
 from tests.effective import comparable, from_argv, from_xml
 
@@ -72,8 +73,24 @@ def test_no_monitor_socket_of_ours() -> None:
     assert "qmp" not in build_xml(SPECS["czone"])
 
 
+def test_bridged_nic_is_a_tap_libvirtd_opens_then_eth1() -> None:
+    """The tap is ours (``managed='no'``), staged under a per-VM name in the
+    host's namespace; on the root bus after the user-mode NIC; the kernel
+    line configures eth1 as with plain QEMU."""
+    spec = replace(SPEC, tap=TapNic("10.77.0.2/24", "52:54:00:77:00:02"))
+    dom = ET.fromstring(build_xml(spec))
+    [nic] = dom.findall("devices/interface")
+    assert nic.get("type") == "ethernet"
+    assert nic.find("mac").get("address") == "52:54:00:77:00:02"
+    target = nic.find("target")
+    assert target.get("managed") == "no" and target.get("dev") == staging_tap_name(spec.name)
+    assert len(target.get("dev")) <= 15
+    assert nic.find("address").get("slot") == "0x12" and nic.find("address").get("bus") == "0x00"
+    assert "ip=10.77.0.2:::255.255.255.0::eth1:off" in dom.findtext("os/cmdline")
+    assert staging_tap_name("a") != staging_tap_name("b")
+
+
 @pytest.mark.parametrize("change", [
-    {"tap": TapNic("10.0.0.2/24", "52:54:00:00:00:02")},
     {"cpus": 2},  # TCG
     {"incoming": True},
     {"ram_file": Path("/t/ram")},

@@ -155,3 +155,40 @@ def test_a_killed_czonectl_leaves_no_tap_or_namespace(svc: Service, netns_name: 
     down = subprocess.run([CZONECTL, "vm", "down", "r1"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert down.returncode == 0 and down.stdout == "VM r1 was dead; record removed\n"
+
+
+def test_a_libvirt_vm_on_the_bridge(artifacts, run_root: Path, netns_name: str, libvirtd,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirtd opens a tap czonectl staged in the host's namespace; once the
+    domain runs it moves into czonectl's namespace, onto the bridge; the
+    function answers there, and nothing is left after ``vm down``."""
+    from pyroute2 import IPRoute
+
+    from czone.netplan import staging_tap_name
+
+    monkeypatch.setenv("CZONE_ACCEL", artifacts.accel)
+    with Service(db=StateDB(run_root), netns=netns_name, progress=print, backend="libvirt",
+                 uri=libvirtd.uri) as svc:
+        res = svc.run(FN, net="bridge")
+        vm = svc.db.get(res.vm)
+        assert (vm.backend, vm.net, vm.net_addr, vm.tap) == \
+            ("libvirt", "bridge", "10.77.0.2/24", "czt2")
+        ns = bridge.Namespace(netns_name, svc.db.root)
+        links = ns.links()
+        assert links["czt2"]["master"] == links[BRIDGE]["index"]
+        assert links["czt2"]["state"] == "up"
+        with IPRoute() as ipr:  # nothing left in the host's namespace
+            assert not ipr.link_lookup(ifname=staging_tap_name(vm.name))
+        assert "inet 10.77.0.2/24" in guest(svc, vm.name, "busybox ip addr show dev eth1")
+        assert guest(svc, vm.name, "cat /sys/class/net/eth1/address").strip() == \
+            "52:54:00:77:00:02"
+        with over_bridge(svc, vm.name) as ssh:
+            assert ssh.run("echo $SSH_CLIENT", timeout=30).stdout.split()[0] == "10.77.0.1"
+            with RuntimeAgent(ssh) as agent:
+                reply = agent.invoke(res.id)
+        assert reply["ok"], reply
+
+        what = svc.vm_down(vm.name)
+        assert what == f"stopped; network namespace {netns_name} removed (no bridged VM left)"
+        assert not bridge.exists(netns_name)
+        assert libvirtd.connect().listAllDomains() == []
