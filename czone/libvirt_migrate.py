@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from czone.errors import CZoneError
-from czone.libvirt_backend import _libvirt, connect, is_ours, lookup
+from czone.libvirt_backend import _libvirt, connect, is_ours, lookup, remove_domain
 from czone.libvirt_xml import CZONE_NS, domain_name
 
 # How long the source may take to settle after an aborted or failed job.
@@ -182,7 +182,8 @@ def migrate(vm: str, src_uri: str, dst_uri: str, dst_xml: str, timeout: float,
     to ``max_bandwidth`` bytes/s.  A job still running after ``timeout``
     seconds is aborted.  On any failure the source runs the guest and
     nothing of the domain is left at the destination (``rescue``), then
-    LibvirtMigrationError says why."""
+    LibvirtMigrationError says why; but a job that failed after the
+    destination took over counts as done (``moved_domain``)."""
     libvirt = _libvirt()
     src = _source(vm, src_uri)
     preflight(vm, dst_uri, emulator, virttype)
@@ -220,16 +221,36 @@ def migrate(vm: str, src_uri: str, dst_uri: str, dst_xml: str, timeout: float,
                                         f"was {why}, and the job did not end within "
                                         f"{SETTLE_TIMEOUT:.0f}s")
     result = outcome[0] if outcome else None
-    if isinstance(result, libvirt.libvirtError):
-        why = why or result.get_error_message()
-    elif isinstance(result, BaseException):
-        rescue(vm, src_uri, dst_uri, uuid)
+    if not isinstance(result, BaseException):
+        return _completed(result, uuid)  # done, even if it finished as we aborted
+    moved = moved_domain(vm, src_uri, dst_uri, uuid)
+    if moved is not None:
+        # libvirt failed after the destination took over (the source's
+        # confirmation): the guest runs there, so the move is finished.
+        with contextlib.suppress(CZoneError, libvirt.libvirtError):
+            remove_domain(src_uri, vm)
+        return _completed(moved, uuid)
+    if not isinstance(result, libvirt.libvirtError):
+        with contextlib.suppress(CZoneError):
+            rescue(vm, src_uri, dst_uri, uuid)
         raise result
-    if why is not None:
-        done = rescue(vm, src_uri, dst_uri, uuid)
-        raise LibvirtMigrationError(f"the migration of {src.name()} to {dst_uri} failed "
-                                    f"({why})" + (f"; {done}" if done else ""))
-    return _completed(result, uuid)
+    why = why or result.get_error_message()
+    done = rescue(vm, src_uri, dst_uri, uuid)
+    raise LibvirtMigrationError(f"the migration of {src.name()} to {dst_uri} failed "
+                                f"({why})" + (f"; {done}" if done else ""))
+
+
+def moved_domain(vm: str, src_uri: str, dst_uri: str, uuid: str) -> Any | None:
+    """The destination's domain if it runs the guest (an incoming one is
+    paused) and the source no longer does; else None."""
+    with contextlib.suppress(CZoneError):
+        dst = lookup(dst_uri, vm)
+        if dst is None or dst.UUIDString() != uuid or not runs(dst):
+            return None
+        src = lookup(src_uri, vm)
+        if src is None or not runs(src):
+            return dst
+    return None
 
 
 def _completed(dom: Any, uuid: str) -> Migrated:
@@ -251,6 +272,11 @@ def rescue(vm: str, src_uri: str, dst_uri: str, uuid: str) -> str:
     if the source does not run."""
     libvirt = _libvirt()
     said = []
+    src = lookup(src_uri, vm)
+    if src is None or not src.isActive():
+        # Never remove the destination then: it may be all there is of the guest.
+        raise LibvirtMigrationError(f"domain {domain_name(vm)} is no longer running at "
+                                    f"{src_uri} after the failed migration")
     with contextlib.suppress(CZoneError, libvirt.libvirtError):
         dst = lookup(dst_uri, vm)
         if dst is not None and dst.UUIDString() == uuid:
@@ -259,10 +285,6 @@ def rescue(vm: str, src_uri: str, dst_uri: str, uuid: str) -> str:
                     dst.destroy()
             dst.undefine()
             said.append("its domain at the destination removed")
-    src = lookup(src_uri, vm)
-    if src is None or not src.isActive():
-        raise LibvirtMigrationError(f"domain {domain_name(vm)} is no longer running at "
-                                    f"{src_uri} after the failed migration")
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while (state := src.state()[0]) != libvirt.VIR_DOMAIN_RUNNING:
         if state == libvirt.VIR_DOMAIN_PAUSED:

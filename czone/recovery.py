@@ -208,13 +208,10 @@ def _settle_libvirt_migration(svc: Service, name: str, m: dict[str, Any],
         what = libvirt_backend.remove_domain(src_uri, name)
         return f"it had moved to {dst_uri}; the source's domain: {what}"
     try:
-        src = libvirt_backend.lookup(src_uri, name)
-        dst = libvirt_backend.lookup(dst_uri, name)
-        src_running = src is not None and libvirt_migrate.runs(src)
-        dst_running = (dst is not None and libvirt_backend.is_ours(dst)
-                       and libvirt_migrate.runs(dst))
-        if dst_running and not src_running and dst is not None:
-            procs = [p for p in libvirt_backend.qemu_processes(dst.UUIDString())
+        uuid = m["uuid"]
+        dst = libvirt_migrate.moved_domain(name, src_uri, dst_uri, uuid)
+        if dst is not None:
+            procs = [p for p in libvirt_backend.qemu_processes(uuid)
                      if any(m["dst_run_dir"] in a for a in p.cmdline())]
             svc.db.set_vm(name, uri=dst_uri, run_dir=m["dst_run_dir"],
                           ssh_port=m.get("dst_ssh_port"),
@@ -223,7 +220,6 @@ def _settle_libvirt_migration(svc: Service, name: str, m: dict[str, Any],
             what = libvirt_backend.remove_domain(src_uri, name)
             return f"the guest runs at {dst_uri}, the record follows it; the source's " \
                    f"domain: {what}"
-        uuid = src.UUIDString() if src is not None else ""
         done = libvirt_migrate.rescue(name, src_uri, dst_uri, uuid)
         return f"the guest runs on at {src_uri}" + (f"; {done}" if done else "")
     except CZoneError as e:

@@ -483,8 +483,12 @@ class Service:
                                    f"{LIBVIRT_MIGRATES_TO}")
             rec, spec, dst_spec = self.libvirt_migration_plan(name, to_uri)
             libvirt_backend.connect(to_uri)  # an unreachable URI fails before anything
+            assert rec.uri is not None
+            dom = libvirt_backend.lookup(rec.uri, name)
+            if dom is None:
+                raise ServiceError(f"VM {name!r} has no domain at {rec.uri}")
             extra = {"backend": "libvirt", "src_uri": rec.uri, "dst_uri": to_uri,
-                     "dst_ssh_port": dst_spec.ssh_port}
+                     "uuid": dom.UUIDString(), "dst_ssh_port": dst_spec.ssh_port}
         elif to_uri is not None:
             raise ServiceError(f"VM {name!r} runs under plain QEMU; --to HOST is for libvirt "
                                "VMs (this one migrates into a new QEMU process on this host)")
@@ -528,6 +532,7 @@ class Service:
         self._drop_agent(name)
         src_rss = self._measure(self._device_rss, rec) if spec.memory_mode == "czone" else None
         dst_spec.run_dir.mkdir(parents=True, exist_ok=True)
+        save_spec(dst_spec)  # before: a czonectl killed after the hand-over leaves it right
         t0 = time.monotonic()
         try:
             done = libvirt_migrate.migrate(
@@ -541,7 +546,6 @@ class Service:
             shutil.rmtree(dst_spec.run_dir, ignore_errors=True)
             raise
         total = time.monotonic() - t0
-        save_spec(dst_spec)
         # The hand-over: the record follows the domain.
         self.db.set_vm(name, uri=dst_uri, run_dir=str(dst_spec.run_dir),
                        ssh_port=dst_spec.ssh_port)

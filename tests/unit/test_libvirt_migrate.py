@@ -4,6 +4,7 @@ XML, libvirt's statistics as QEMU's, and the service's refusals.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -157,3 +158,49 @@ def test_a_plain_vm_takes_no_destination_host(running: subprocess.Popen) -> None
         Service(db=db).vm_migrate("vm0", to_uri="qemu+ssh://h2/system")
     assert str(e.value) == ("VM 'vm0' runs under plain QEMU; --to HOST is for libvirt VMs "
                             "(this one migrates into a new QEMU process on this host)")
+
+
+def marker(db: StateDB, rec: VmRecord, dst_uri: str) -> dict:
+    """A migration marker whose owner is dead (pid 1 never started at 0.0)."""
+    m = {"owner_pid": 1, "owner_start": 0.0, "src_run_dir": rec.run_dir,
+         "dst_run_dir": f"{rec.run_dir}.ab12cd", "backend": "libvirt", "src_uri": rec.uri,
+         "dst_uri": dst_uri, "uuid": "2beec001-6dd5-4e7d-8bc9-23f80faf94c5",
+         "dst_ssh_port": 2300}
+    path = db.migration_marker(rec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(m))
+    Path(m["dst_run_dir"]).mkdir()
+    return m
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_a_migration_whose_czonectl_died(running: subprocess.Popen, moved: bool,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next command settles it: whichever side runs the guest keeps it;
+    the record follows the guest, the other side's domain and run dir go."""
+    from czone import libvirt_backend, recovery
+
+    db = StateDB()
+    rec = add(db, running.pid, "libvirt", LOCAL_A)
+    dst_uri = "qemu+tcp://127.0.0.1:1/system"
+    m = marker(db, rec, dst_uri)
+    calls: list[tuple] = []
+    monkeypatch.setattr(lm, "moved_domain", lambda *a: object() if moved else None)
+    monkeypatch.setattr(lm, "rescue", lambda *a: calls.append(("rescue", *a)) or "")
+    monkeypatch.setattr(libvirt_backend, "remove_domain",
+                        lambda *a: calls.append(("remove", *a)) or "destroyed and undefined")
+    monkeypatch.setattr(libvirt_backend, "qemu_processes", lambda uuid: [])
+    [line] = recovery._settle_migration(Service(db=db), db.migration_marker("vm0"))
+    after = db.get("vm0")
+    if moved:
+        assert line == (f"VM vm0: a migration was cut short; the guest runs at {dst_uri}, the "
+                        "record follows it; the source's domain: destroyed and undefined")
+        assert calls == [("remove", LOCAL_A, "vm0")]
+        assert (after.uri, after.run_dir, after.ssh_port) == (dst_uri, m["dst_run_dir"], 2300)
+        assert not Path(rec.run_dir).exists() and Path(m["dst_run_dir"]).exists()
+    else:
+        assert line == f"VM vm0: a migration was cut short; the guest runs on at {LOCAL_A}"
+        assert calls == [("rescue", "vm0", LOCAL_A, dst_uri, m["uuid"])]
+        assert after == rec
+        assert Path(rec.run_dir).exists() and not Path(m["dst_run_dir"]).exists()
+    assert db.migration_markers() == []

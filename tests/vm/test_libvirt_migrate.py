@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -267,3 +269,38 @@ def test_migrations_that_fail_midway_leave_the_source_running(svc: Service, host
     assert svc.db.get(vm).uri == host_b.tcp_uri and domains(host_a) == {}
     assert res.dst_pid != before.pid
     answers(svc, vm, first.id, 32)
+
+
+def test_czonectl_killed_during_a_migration_is_settled_by_the_next_command(
+        svc: Service, host_a, libvirtd_factory) -> None:
+    host_b = libvirtd_factory("b", tcp=True)
+    first = svc.run(FN, args=with_data(32, False))
+    vm = first.vm
+    before = svc.db.get(vm)
+    uuid, _ = uuid_and_state(host_a, vm)
+    code = ("import sys; from pathlib import Path; from czone.service import Service; "
+            "from czone.state import StateDB; "
+            "Service(db=StateDB(Path(sys.argv[1]))).vm_migrate(sys.argv[2], timeout=300, "
+            "max_bandwidth=16 << 20, to_uri=sys.argv[3])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(svc.db.root), vm, host_b.tcp_uri],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not [p for p in libvirt_backend.qemu_processes(uuid) if p.pid != before.pid]:
+            assert time.monotonic() < deadline and proc.poll() is None, "no destination"
+            time.sleep(0.02)
+        time.sleep(2)  # pages are on their way
+        assert proc.poll() is None, "the migration ended before the kill"
+        proc.kill()
+    finally:
+        proc.wait(30)
+    assert svc.db.migration_marker(vm).exists()
+
+    done = svc.reconcile()
+    print(done)
+    [settled] = [line for line in done if "migration" in line]
+    assert settled.startswith(f"VM {vm}: a migration was cut short; the guest runs on at "
+                              f"{host_a.uri}"), settled
+    assert not svc.db.migration_marker(vm).exists()
+    check_source_intact(svc, host_a, host_b, vm, before, first.id)
