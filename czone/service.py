@@ -33,6 +33,7 @@ from czone import (
     fleet,
     hostmem,
     libvirt_backend,
+    libvirt_migrate,
     migrate,
     netplan,
     recovery,
@@ -43,7 +44,7 @@ from czone.functions import FUNCTIONS, memory_for
 from czone.guest.runtime import AgentError, AgentLost, RuntimeAgent
 from czone.guest.ssh import SSHClient, SshError
 from czone.libvirt_backend import LibvirtMachine
-from czone.libvirt_xml import UnsupportedSpec, check_spec, device_id
+from czone.libvirt_xml import UnsupportedSpec, build_xml, check_spec, device_id
 from czone.locking import LockTimeout, flock_within
 from czone.net import check_port_free, free_port
 from czone.placement import MCPV_MODES, Mode, NoFit, VmView, place, round_up
@@ -67,6 +68,7 @@ from czone.state import (
     ctr_insert,
     ctrs_in,
     host_of,
+    pid_matches,
     process_start,
     status,
     vm_insert,
@@ -97,6 +99,7 @@ MIGRATE_TIMEOUT = 600.0
 # After the hand-over: the guest's SSH through the destination's forward.
 MIGRATE_SSH_TIMEOUT = 120.0
 DEVICE = MEMORY_DEVICE_ID["czone"]
+LIBVIRT_MIGRATES_TO = "a libvirt VM migrates to another host: --to HOST"
 
 Progress = Callable[[str], None]
 
@@ -134,6 +137,9 @@ class MigrateResult:
     src_device_rss: int | None
     src_device_rss_after: int | None
     dst_device_rss: int | None
+    # A libvirt VM's endpoints (None under plain QEMU).
+    src_uri: str | None = None
+    dst_uri: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -489,15 +495,9 @@ class Service:
         run dir and an SSH port of its own (``vm migrate --dry-run``)."""
         rec = self.db.running(name)
         if rec.backend == "libvirt":
-            raise ServiceError(f"VM {name!r} is a libvirt domain; vm migrate does not "
-                               "drive libvirt's migration yet")
-        if rec.mode not in (None, "mcpv"):
-            raise ServiceError(f"VM {name!r} is an SCPV VM ({rec.mode}); only MCPV and "
-                               "plain VMs migrate")
-        spec = load_spec(Path(rec.run_dir))
-        if spec is None:
-            raise ServiceError(f"VM {name!r} was booted by a czonectl that kept no spec of it "
-                               f"(no {rec.run_dir}/spec.json); it cannot migrate")
+            raise ServiceError(f"VM {name!r} is a libvirt domain at {rec.uri}; "
+                               f"{LIBVIRT_MIGRATES_TO}")
+        spec = self._migrating_spec(rec)
         try:
             proc = psutil.Process(rec.pid)
             live, exe = proc.cmdline(), proc.exe()
@@ -511,24 +511,73 @@ class Service:
             raise ServiceError(f"VM {name!r}: its QEMU build {spec.qemu} is gone or was "
                                f"replaced since the VM started ({exe}); the destination "
                                "cannot run it")
-        run_dir = self.db.vm_dir(name).with_name(f"{name}.{secrets.token_hex(3)}")
-        return rec, spec, migration_destination(spec, run_dir, free_port())
+        return rec, spec, migration_destination(spec, self._migration_dir(name), free_port())
+
+    @staticmethod
+    def _migrating_spec(rec: VmRecord) -> VmSpec:
+        """The saved spec of a VM that may migrate (an MCPV or plain VM)."""
+        if rec.mode not in (None, "mcpv"):
+            raise ServiceError(f"VM {rec.name!r} is an SCPV VM ({rec.mode}); only MCPV and "
+                               "plain VMs migrate")
+        spec = load_spec(Path(rec.run_dir))
+        if spec is None:
+            raise ServiceError(f"VM {rec.name!r} was booted by a czonectl that kept no spec "
+                               f"of it (no {rec.run_dir}/spec.json); it cannot migrate")
+        return spec
+
+    def _migration_dir(self, name: str) -> Path:
+        return self.db.vm_dir(name).with_name(f"{name}.{secrets.token_hex(3)}")
+
+    def libvirt_migration_plan(self, name: str, to_uri: str) -> tuple[VmRecord, VmSpec, VmSpec]:
+        """A libvirt VM's record, its spec, and the spec of its domain at
+        ``to_uri``: the same, with a run dir and an SSH port of its own (the
+        source's forward and log files stay in use until the hand-over);
+        ``build_xml`` of it is the destination's XML."""
+        rec = self.db.running(name)
+        if rec.backend != "libvirt":
+            raise ServiceError(f"VM {name!r} runs under plain QEMU; --to HOST is for libvirt "
+                               "VMs (this one migrates into a new QEMU process on this host)")
+        if to_uri == rec.uri:
+            raise ServiceError(f"VM {name!r} already runs at {to_uri}")
+        spec = self._migrating_spec(rec)
+        return rec, spec, replace(spec, run_dir=self._migration_dir(name),
+                                  ssh_port=None if spec.ssh_port is None else free_port())
 
     def vm_migrate(self, name: str, timeout: float = MIGRATE_TIMEOUT,
-                   max_bandwidth: int = migrate.MAX_BANDWIDTH) -> MigrateResult:
-        """Live-migrate VM ``name`` into a new QEMU process on this host, at up
-        to ``max_bandwidth`` bytes/s; its record (pid, QMP socket, run dir,
-        SSH port) follows.  A migration that fails leaves the source running
-        the guest and kills the destination."""
+                   max_bandwidth: int = migrate.MAX_BANDWIDTH,
+                   to_uri: str | None = None) -> MigrateResult:
+        """Live-migrate VM ``name`` at up to ``max_bandwidth`` bytes/s: a plain
+        QEMU VM into a new QEMU process on this host, a libvirt VM to the
+        libvirt endpoint ``to_uri``.  Its record (pid, run dir, SSH port; QMP
+        socket or URI) follows.  A migration that fails leaves the source
+        running the guest and nothing at the destination."""
         self.reconcile()
-        rec, spec, dst_spec = self.migration_plan(name)
+        rec = self.db.running(name)
+        if rec.backend == "libvirt":
+            if to_uri is None:
+                raise ServiceError(f"VM {name!r} is a libvirt domain at {rec.uri}; "
+                                   f"{LIBVIRT_MIGRATES_TO}")
+            rec, spec, dst_spec = self.libvirt_migration_plan(name, to_uri)
+            libvirt_backend.connect(to_uri)  # an unreachable URI fails before anything
+            assert rec.uri is not None
+            dom = libvirt_backend.lookup(rec.uri, name)
+            if dom is None:
+                raise ServiceError(f"VM {name!r} has no domain at {rec.uri}")
+            extra = {"backend": "libvirt", "src_uri": rec.uri, "dst_uri": to_uri,
+                     "uuid": dom.UUIDString(), "dst_ssh_port": dst_spec.ssh_port}
+        elif to_uri is not None:
+            raise ServiceError(f"VM {name!r} runs under plain QEMU; --to HOST is for libvirt "
+                               "VMs (this one migrates into a new QEMU process on this host)")
+        else:
+            rec, spec, dst_spec = self.migration_plan(name)
+            extra = {}
         marker = self.db.migration_marker(name)
         marker.parent.mkdir(parents=True, exist_ok=True)
         me = os.getpid()
         tmp = marker.with_suffix(f".{me}.tmp")
         tmp.write_text(json.dumps({"owner_pid": me, "owner_start": process_start(me),
                                    "src_run_dir": rec.run_dir,
-                                   "dst_run_dir": str(dst_spec.run_dir)}))
+                                   "dst_run_dir": str(dst_spec.run_dir), **extra}))
         try:
             # Complete and exclusive: one migration of a VM at a time
             # (reconcile has removed a dead owner's marker).
@@ -539,9 +588,83 @@ class Service:
         finally:
             tmp.unlink()
         try:
+            if to_uri is not None:
+                return self._migrate_libvirt(name, rec, to_uri, timeout, max_bandwidth,
+                                             spec=spec, dst_spec=dst_spec)
             return self._migrate(name, rec, spec, dst_spec, timeout, max_bandwidth)
         finally:
             marker.unlink(missing_ok=True)
+
+    def _migrate_libvirt(self, name: str, rec: VmRecord, dst_uri: str, timeout: float,
+                         max_bandwidth: int, *, spec: VmSpec | None = None,
+                         dst_spec: VmSpec | None = None) -> MigrateResult:
+        """libvirt's migration of VM ``name``'s domain to ``dst_uri``
+        (czone/libvirt_migrate.py); then the record follows the domain."""
+        if spec is None or dst_spec is None:
+            rec, spec, dst_spec = self.libvirt_migration_plan(name, dst_uri)
+        assert rec.uri is not None
+        self.progress(f"migrating {name} from {rec.uri} to {dst_uri}")
+        # Its SSH connection goes with the source's user network.
+        self._drop_agent(name)
+        src_rss = self._measure(self._device_rss, rec) if spec.memory_mode == "czone" else None
+        dst_spec.run_dir.mkdir(parents=True, exist_ok=True)
+        save_spec(dst_spec)  # before: a czonectl killed after the hand-over leaves it right
+        t0 = time.monotonic()
+        try:
+            done = libvirt_migrate.migrate(
+                name, rec.uri, dst_uri, build_xml(dst_spec, rec.fn, rec.mode), timeout,
+                max_bandwidth, str(spec.qemu), "kvm" if spec.accel == "kvm" else "qemu")
+        except CZoneError as e:
+            shutil.rmtree(dst_spec.run_dir, ignore_errors=True)
+            raise ServiceError(f"VM {name!r} did not migrate and runs on at {rec.uri}: "
+                               f"{e}") from None
+        except BaseException:
+            shutil.rmtree(dst_spec.run_dir, ignore_errors=True)
+            raise
+        total = time.monotonic() - t0
+        # The hand-over: the record follows the domain.
+        self.db.set_vm(name, uri=dst_uri, run_dir=str(dst_spec.run_dir),
+                       ssh_port=dst_spec.ssh_port)
+        dst = self._migrated_qemu(name, done.uuid, dst_spec.run_dir)
+        self.db.set_vm(name, pid=dst.pid, proc_start=dst.create_time())
+        self._wait_exit(rec)
+        shutil.rmtree(rec.run_dir, ignore_errors=True)
+        new = self.db.get(name)
+        machine = self.machine(new)
+        try:
+            if new.ssh_port is not None and new.ssh_key:
+                machine.wait_ssh(MIGRATE_SSH_TIMEOUT).close()
+        finally:
+            machine.close()
+        dst_rss = self._measure(self._device_rss, new) if src_rss is not None else None
+        self.progress(f"{name} migrated to {dst_uri} (QEMU pid {dst.pid}) in {total:.1f}s")
+        # The source's QEMU has quit when libvirt returns: no "after" figure.
+        return MigrateResult(name, rec.pid, dst.pid, dst_spec.ssh_port, str(dst_spec.run_dir),
+                             total, done.total_time_ms, done.downtime_ms, done.ram, src_rss,
+                             None, dst_rss, src_uri=rec.uri, dst_uri=dst_uri)
+
+    @staticmethod
+    def _migrated_qemu(name: str, uuid: str, run_dir: Path) -> psutil.Process:
+        """The destination's QEMU process: the domain's UUID on its command
+        line and its new run dir (the source's may not have quit yet)."""
+        deadline = time.monotonic() + libvirt_backend.PID_TIMEOUT
+        while True:
+            procs = [p for p in libvirt_backend.qemu_processes(uuid)
+                     if any(str(run_dir) in a for a in p.cmdline())]
+            if len(procs) == 1:
+                return procs[0]
+            if time.monotonic() > deadline:
+                raise ServiceError(f"VM {name!r} migrated, but {len(procs)} QEMU processes "
+                                   f"of its domain run here with {run_dir}, expected one "
+                                   "(a destination on another host?)")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _wait_exit(rec: VmRecord) -> None:
+        """Until the source's QEMU is gone (libvirt stops it after the hand-over)."""
+        with contextlib.suppress(psutil.Error):
+            if pid_matches(rec.pid, rec.proc_start):
+                psutil.Process(rec.pid).wait(libvirt_migrate.SOURCE_EXIT_TIMEOUT)
 
     def _migrate(self, name: str, rec: VmRecord, spec: VmSpec, dst_spec: VmSpec,
                  timeout: float, max_bandwidth: int) -> MigrateResult:

@@ -92,12 +92,12 @@ def _libvirt_record(name: str) -> None:
                                mode="mcpv", backend="libvirt", uri=NOWHERE))
 
 
-def test_what_the_libvirt_backend_does_not_do_yet_is_one_line(fake_artifacts: dict) -> None:
+def test_a_libvirt_vm_migrates_only_to_another_host(fake_artifacts: dict) -> None:
     _libvirt_record("lv")
     r = invoke("vm", "migrate", "lv")
     assert r.exit_code == 1 and r.output.splitlines()[-1] == (
-        "czonectl: error: VM 'lv' is a libvirt domain; vm migrate does not drive libvirt's "
-        "migration yet")
+        f"czonectl: error: VM 'lv' is a libvirt domain at {NOWHERE}; a libvirt VM migrates "
+        "to another host: --to HOST")
     # reconcile says it could not ask libvirt (the record's URI is unreachable)
     assert f"reconcile: cannot list the domains at {NOWHERE}: cannot connect" in r.output
     r = invoke("run", "matmul", "--mode", "scpv-template", "--backend", "libvirt",

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -23,6 +24,9 @@ from czone.qemu.machine import Machine
 from czone.state import run_root
 from czone.vmboot import boot_machine
 from czone.vmspec import spec_for
+
+if TYPE_CHECKING:
+    from tests.vm.libvirtd import PrivateLibvirtd
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = float(os.environ.get("CZONE_TEST_BOOT_TIMEOUT", "60"))
@@ -126,24 +130,52 @@ def booted_vm(microvm_factory: MicrovmFactory) -> Machine:
     return microvm_factory.boot()
 
 
+class LibvirtdFactory:
+    """Starts private libvirtds (tests/vm/libvirtd.py), each an independent
+    host: its own directories, host UUID and migration ports.  Owns them: at
+    the end every domain they still have is destroyed and undefined and they
+    are stopped; their logs are kept if the test failed."""
+
+    def __init__(self) -> None:
+        self.daemons: dict[str, PrivateLibvirtd] = {}
+
+    def __call__(self, name: str = "libvirtd", tcp: bool = False,
+                 hide: tuple[str | Path, ...] = ()) -> PrivateLibvirtd:
+        """A started daemon; ``tcp``: it also listens on 127.0.0.1 (its
+        ``tcp_uri``); ``hide``: paths it sees as empty directories."""
+        from tests.vm.libvirtd import PrivateLibvirtd  # noqa: PLC0415 (imports libvirt)
+
+        if name in self.daemons:
+            raise ValueError(f"a libvirtd named {name!r} was already started")
+        daemon = PrivateLibvirtd(Path(tempfile.mkdtemp(prefix=f"czone-lvd-{name}-")),
+                                 index=len(self.daemons),
+                                 tcp_port=free_port() if tcp else None, hide=hide)
+        self.daemons[name] = daemon
+        daemon.start()
+        return daemon
+
+    def stop_all(self, evidence: Path | None) -> None:
+        for name, daemon in self.daemons.items():
+            if evidence is not None:
+                daemon.save_logs(evidence / name)
+            daemon.stop()
+
+
 @pytest.fixture
-def libvirtd(request: pytest.FixtureRequest) -> Iterator[object]:
-    """A private libvirtd (tests/vm/libvirtd.py), stopped afterwards with every
-    domain it still had destroyed and undefined; its logs kept if the test failed."""
+def libvirtd_factory(request: pytest.FixtureRequest) -> Iterator[LibvirtdFactory]:
     if not shutil.which("libvirtd"):
         pytest.fail("libvirtd is not installed: run scripts/deps.sh", pytrace=False)
-    from tests.vm.libvirtd import PrivateLibvirtd
-
-    daemon = PrivateLibvirtd(Path(tempfile.mkdtemp(prefix="czone-lvd-")))
-    started = False
+    factory = LibvirtdFactory()
     try:
-        daemon.start()
-        started = True
-        yield daemon
+        yield factory
     finally:
-        failed = not started or any(
-            getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
-            for w in ("setup", "call"))
-        if failed:
-            daemon.save_logs(REPO / "test-artifacts" / request.node.name / "libvirtd")
-        daemon.stop()
+        # A daemon that failed to start fails the test's setup: its logs are kept.
+        failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
+                     for w in ("setup", "call"))
+        factory.stop_all(REPO / "test-artifacts" / request.node.name if failed else None)
+
+
+@pytest.fixture
+def libvirtd(libvirtd_factory: LibvirtdFactory) -> PrivateLibvirtd:
+    """One private libvirtd, reached through its Unix socket (``uri``)."""
+    return libvirtd_factory("libvirtd")

@@ -6,14 +6,25 @@ running or not) is never touched, and nothing of ours is left behind.
 
 Its qemu.conf runs QEMU as root and leaves file ownership and labels alone:
 the artifacts in the shared cache must not be chowned by dynamic ownership.
+
+Several can run at once, as independent hosts (two-host placement,
+migration): each has a host UUID of its own (libvirt refuses to migrate a
+domain to a host with the source's UUID), its own range of incoming
+migration ports, and may also listen on TCP 127.0.0.1:PORT
+without authentication, so that it is reached through a remote URI
+(``qemu+tcp://127.0.0.1:PORT/system``).  ``hide`` lays an empty directory
+over paths in its mount namespace: a host without our QEMU build.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shlex
 import shutil
 import subprocess
 import time
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import libvirt
@@ -36,9 +47,20 @@ stdio_handler = "file"
 """
 
 
+# Incoming migration ports: a range of its own per daemon (by its index).
+MIGRATION_PORT_BASE = 49152
+MIGRATION_PORTS = 32
+
+
 class PrivateLibvirtd:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, index: int = 0, tcp_port: int | None = None,
+                 hide: Iterable[str | Path] = ()):
         self.root = root
+        self.host_uuid = str(uuid.uuid4())
+        self.tcp_port = tcp_port
+        self.hide = tuple(Path(p) for p in hide)
+        low = MIGRATION_PORT_BASE + index * MIGRATION_PORTS
+        self.migration_ports = (low, low + MIGRATION_PORTS - 1)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,6 +70,42 @@ class PrivateLibvirtd:
     @property
     def uri(self) -> str:
         return f"qemu:///system?socket={self.socket}"
+
+    @property
+    def tcp_uri(self) -> str:
+        """Its remote URI (a daemon started with ``tcp_port``)."""
+        if self.tcp_port is None:
+            raise RuntimeError("this libvirtd does not listen on TCP")
+        return f"qemu+tcp://127.0.0.1:{self.tcp_port}/system"
+
+    def _libvirtd_conf(self) -> str:
+        conf = (f'unix_sock_dir = "{self.socket.parent}"\n'
+                'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
+                f'log_outputs = "3:file:{self.log}"\n'
+                f'host_uuid = "{self.host_uuid}"\n')
+        if self.tcp_port is not None:
+            conf += ('listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\n'
+                     f'listen_addr = "127.0.0.1"\ntcp_port = "{self.tcp_port}"\n')
+        return conf
+
+    def _qemu_conf(self) -> str:
+        low, high = self.migration_ports
+        # (migration_address may not be 127.0.0.1 here: the migration asks for it)
+        return QEMU_CONF + f"migration_port_min = {low}\nmigration_port_max = {high}\n"
+
+    def _hide_mounts(self) -> list[str]:
+        """Shell lines laying an empty directory (or file) over each hidden path."""
+        lines = []
+        for i, path in enumerate(self.hide):
+            empty = self.root / "hidden" / str(i)
+            if path.is_dir():
+                empty.mkdir(parents=True, exist_ok=True)
+            else:
+                empty.parent.mkdir(parents=True, exist_ok=True)
+                empty.touch()
+            lines.append(f"mount --bind {shlex.quote(str(empty))} "
+                         f"{shlex.quote(str(path))} || exit 1")
+        return lines
 
     def domain_log(self, domain: str) -> Path:
         return self.root / "log" / "qemu" / f"{domain}.log"
@@ -60,15 +118,14 @@ class PrivateLibvirtd:
         for d in (*DIRS, "sock", "log/qemu"):  # a real host has /var/log/libvirt/qemu
             (self.root / d).mkdir(parents=True, exist_ok=True)
         conf = self.root / "etc" / "libvirtd.conf"
-        conf.write_text(f'unix_sock_dir = "{self.socket.parent}"\n'
-                        'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
-                        f'log_outputs = "3:file:{self.log}"\n')
-        (self.root / "etc" / "qemu.conf").write_text(QEMU_CONF)
-        mounts = "; ".join(f"mount --bind {self.root / d} {path} || exit 1"
-                           for d, path in DIRS.items())
+        conf.write_text(self._libvirtd_conf())
+        (self.root / "etc" / "qemu.conf").write_text(self._qemu_conf())
+        mounts = "; ".join([f"mount --bind {self.root / d} {path} || exit 1"
+                            for d, path in DIRS.items()] + self._hide_mounts())
+        listen = " --listen" if self.tcp_port is not None else ""
         # Its pid file too: the default, /run/libvirtd.pid, is outside /run/libvirt.
         script = (f"mkdir -p {' '.join(DIRS.values())}; {mounts}; "
-                  f"exec libvirtd -f {conf} -p {self.root / 'libvirtd.pid'}")
+                  f"exec libvirtd{listen} -f {conf} -p {self.root / 'libvirtd.pid'}")
         with open(self.root / "libvirtd.out", "wb") as out:
             # unshare execs: the Popen's pid is libvirtd's.
             self.proc = subprocess.Popen(
@@ -83,6 +140,8 @@ class PrivateLibvirtd:
             if self.socket.exists():
                 with contextlib.suppress(libvirt.libvirtError):
                     libvirt.open(self.uri).close()
+                    if self.tcp_port is not None:
+                        libvirt.open(self.tcp_uri).close()
                     return
             if time.monotonic() > deadline:
                 self.stop()
