@@ -20,7 +20,7 @@ from czone.cli_mem import vm_mem, vm_reclaim, vm_resize
 from czone.cli_replay import replay
 from czone.cli_run import COMMANDS, backend_options
 from czone.cli_trace import trace
-from czone.endpoint import guest_ssh
+from czone.endpoint import guest_ssh, is_remote
 from czone.errors import CZoneError
 from czone.libvirt_xml import UnsupportedSpec, build_xml, domain_name
 from czone.netplan import BRIDGE, NET_HELP
@@ -220,28 +220,38 @@ def vm_down(name: str, timeout: float) -> None:
 
 @vm.command("migrate")
 @click.argument("name")
+@click.option("--to", "to_host", metavar="HOST",
+              help="A libvirt VM: the host (`czonectl host list`, or a libvirt URI) it moves to.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
               help="Seconds the migration may take before it is cancelled.")
 @click.option("--dry-run", is_flag=True, help="Print the destination's QEMU command line "
-                                             "and exit.")
+                                             "(with --to: its domain XML) and exit.")
 @click.option("--max-bandwidth", "bandwidth_mib", type=click.IntRange(min=1),
               default=migrate.MAX_BANDWIDTH >> 20, show_default=True,
               help="MiB/s the migration may use.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def vm_migrate(name: str, timeout: float, dry_run: bool, bandwidth_mib: int,
-               as_json: bool) -> None:
-    """Live-migrate a running VM into a new QEMU process on this host; its
-    containers keep running.  If the migration fails, the VM runs on where it was."""
+def vm_migrate(name: str, to_host: str | None, timeout: float, dry_run: bool,
+               bandwidth_mib: int, as_json: bool) -> None:
+    """Live-migrate a running VM, its containers running on: a plain QEMU VM
+    into a new QEMU process on this host; a libvirt VM to another libvirt
+    host (--to).  If the migration fails, the VM runs on where it was."""
     with Service(progress=lambda m: click.echo(m, err=True)) as svc:
+        to_uri = None if to_host is None else \
+            to_host if "://" in to_host else svc.db.host(to_host).uri
+        if dry_run and to_uri is not None:
+            click.echo(build_xml(svc.libvirt_migration_plan(name, to_uri)[2],
+                                 remote=is_remote(to_uri)))
+            return
         if dry_run:
             click.echo(shlex.join(build_argv(svc.migration_plan(name)[2])))
             return
-        res = svc.vm_migrate(name, timeout, bandwidth_mib << 20)
+        res = svc.vm_migrate(name, timeout, bandwidth_mib << 20, to_uri=to_uri)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
         return
     sent = res.ram.get("transferred", 0) / (1 << 20)
-    click.echo(f"VM {name} migrated: QEMU pid {res.src_pid} -> {res.dst_pid} in "
+    where = f"-> {to_host}" if to_host else "->"
+    click.echo(f"VM {name} migrated: QEMU pid {res.src_pid} {where} {res.dst_pid} in "
                f"{res.total_s:.1f}s (downtime {res.downtime_ms} ms), {sent:.0f} MiB sent, "
                f"ssh port {res.ssh_port}")
 
