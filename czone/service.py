@@ -467,6 +467,17 @@ class Service:
         return rec, spec, replace(spec, run_dir=self._migration_dir(name),
                                   ssh_port=None if spec.ssh_port is None else free_port())
 
+    def libvirt_migration_xml(self, name: str, to_uri: str) -> str:
+        """The domain XML a libvirt VM would have at ``to_uri`` (``vm migrate
+        --to HOST --dry-run``): its spec's, with a run dir and SSH port of its
+        own, the source domain's UUID and CZone records."""
+        rec, _spec, dst_spec = self.libvirt_migration_plan(name, to_uri)
+        assert rec.uri is not None
+        dom = libvirt_backend.lookup(rec.uri, name)
+        if dom is None:
+            raise ServiceError(f"VM {name!r} has no domain at {rec.uri}")
+        return libvirt_migrate.destination_xml(dom, build_xml(dst_spec, rec.fn, rec.mode))
+
     def vm_migrate(self, name: str, timeout: float = MIGRATE_TIMEOUT,
                    max_bandwidth: int = migrate.MAX_BANDWIDTH,
                    to_uri: str | None = None) -> MigrateResult:

@@ -138,6 +138,11 @@ def test_three_live_containers_migrate_to_another_host(svc: Service, host_a,
     assert dev_before["size"] - backed >= 16 * MiB, ("the test needs holes in plugged chunks",
                                                      dev_before["size"], backed)
     uuid, _ = uuid_and_state(host_a, vm)
+    # The dry run: the XML B will get, with the domain's UUID and records.
+    planned = ET.fromstring(svc.libvirt_migration_xml(vm, host_b.tcp_uri))
+    assert planned.findtext("uuid") == uuid
+    planned_records = planned.findtext(f"metadata/{{{CZONE_NS}}}vm/{{{CZONE_NS}}}containers")
+    assert {c["id"]: c for c in json.loads(planned_records or "[]")} == records_before
 
     res = svc.vm_migrate(vm, to_uri=host_b.tcp_uri)
     print(f"migrated {host_a.uri} -> {host_b.tcp_uri}: {res.total_s:.1f}s, QEMU's "
