@@ -100,6 +100,8 @@ MIGRATE_TIMEOUT = 600.0
 MIGRATE_SSH_TIMEOUT = 120.0
 DEVICE = MEMORY_DEVICE_ID["czone"]
 LIBVIRT_MIGRATES_TO = "a libvirt VM migrates to another host: --to HOST"
+PLAIN_MIGRATES_HERE = ("--to HOST is for libvirt VMs (this one migrates into a new QEMU "
+                       "process on this host)")
 
 Progress = Callable[[str], None]
 
@@ -535,13 +537,29 @@ class Service:
         ``build_xml`` of it is the destination's XML."""
         rec = self.db.running(name)
         if rec.backend != "libvirt":
-            raise ServiceError(f"VM {name!r} runs under plain QEMU; --to HOST is for libvirt "
-                               "VMs (this one migrates into a new QEMU process on this host)")
+            raise ServiceError(f"VM {name!r} runs under plain QEMU; {PLAIN_MIGRATES_HERE}")
         if to_uri == rec.uri:
             raise ServiceError(f"VM {name!r} already runs at {to_uri}")
         spec = self._migrating_spec(rec)
         return rec, spec, replace(spec, run_dir=self._migration_dir(name),
                                   ssh_port=None if spec.ssh_port is None else free_port())
+
+    def libvirt_migration_xml(self, name: str, to_uri: str) -> str:
+        """The domain XML a libvirt VM would have at ``to_uri`` (``vm migrate
+        --to HOST --dry-run``): its spec's, with a run dir and SSH port of its
+        own, the source domain's UUID and CZone records."""
+        rec, _spec, dst_spec = self.libvirt_migration_plan(name, to_uri)
+        return libvirt_migrate.destination_xml(self._domain(rec),
+                                               build_xml(dst_spec, rec.fn, rec.mode))
+
+    @staticmethod
+    def _domain(rec: VmRecord) -> Any:
+        """A libvirt VM's domain at its record's URI."""
+        assert rec.uri is not None
+        dom = libvirt_backend.lookup(rec.uri, rec.name)
+        if dom is None:
+            raise ServiceError(f"VM {rec.name!r} has no domain at {rec.uri}")
+        return dom
 
     def vm_migrate(self, name: str, timeout: float = MIGRATE_TIMEOUT,
                    max_bandwidth: int = migrate.MAX_BANDWIDTH,
@@ -559,15 +577,10 @@ class Service:
                                    f"{LIBVIRT_MIGRATES_TO}")
             rec, spec, dst_spec = self.libvirt_migration_plan(name, to_uri)
             libvirt_backend.connect(to_uri)  # an unreachable URI fails before anything
-            assert rec.uri is not None
-            dom = libvirt_backend.lookup(rec.uri, name)
-            if dom is None:
-                raise ServiceError(f"VM {name!r} has no domain at {rec.uri}")
             extra = {"backend": "libvirt", "src_uri": rec.uri, "dst_uri": to_uri,
-                     "uuid": dom.UUIDString(), "dst_ssh_port": dst_spec.ssh_port}
+                     "uuid": self._domain(rec).UUIDString(), "dst_ssh_port": dst_spec.ssh_port}
         elif to_uri is not None:
-            raise ServiceError(f"VM {name!r} runs under plain QEMU; --to HOST is for libvirt "
-                               "VMs (this one migrates into a new QEMU process on this host)")
+            raise ServiceError(f"VM {name!r} runs under plain QEMU; {PLAIN_MIGRATES_HERE}")
         else:
             rec, spec, dst_spec = self.migration_plan(name)
             extra = {}

@@ -29,6 +29,7 @@ from czone import hostmem, libvirt_backend
 from czone.libvirt_xml import CZONE_NS
 from czone.service import MCPV_DEVICE_MIB, VM_BOOT_MIB, Service, ServiceError
 from czone.state import StateDB
+from tests.vm.conftest import REPO
 from tests.vm.test_migrate import (
     EXPECTED,
     FN,
@@ -50,9 +51,11 @@ def host_a(libvirtd_factory):
 
 
 @pytest.fixture
-def svc(artifacts, host_a, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+def svc(request: pytest.FixtureRequest, artifacts, host_a,
+        monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
     """A Service that boots its VMs at host A; its VMs go at the end (the
-    daemons' teardown destroys whatever domain is left)."""
+    daemons' teardown destroys whatever domain is left), their serial logs
+    kept if the test failed."""
     monkeypatch.setenv("CZONE_ACCEL", artifacts.accel)
     root = Path(tempfile.mkdtemp(prefix="czlm-"))
     service = Service(db=StateDB(root), backend="libvirt", uri=host_a.uri)
@@ -60,6 +63,12 @@ def svc(artifacts, host_a, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]
         yield service
     finally:
         service.close()
+        if any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
+               for w in ("setup", "call")):
+            dest = REPO / "test-artifacts" / request.node.name / "vms"
+            for d in (root / "vms").glob("*"):
+                shutil.copytree(d, dest / d.name, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("*.sock"))
         for vm in service.db.list():
             try:
                 service.vm_down(vm.name, timeout=5)
@@ -129,6 +138,11 @@ def test_three_live_containers_migrate_to_another_host(svc: Service, host_a,
     assert dev_before["size"] - backed >= 16 * MiB, ("the test needs holes in plugged chunks",
                                                      dev_before["size"], backed)
     uuid, _ = uuid_and_state(host_a, vm)
+    # The dry run: the XML B will get, with the domain's UUID and records.
+    planned = ET.fromstring(svc.libvirt_migration_xml(vm, host_b.tcp_uri))
+    assert planned.findtext("uuid") == uuid
+    planned_records = planned.findtext(f"metadata/{{{CZONE_NS}}}vm/{{{CZONE_NS}}}containers")
+    assert {c["id"]: c for c in json.loads(planned_records or "[]")} == records_before
 
     res = svc.vm_migrate(vm, to_uri=host_b.tcp_uri)
     print(f"migrated {host_a.uri} -> {host_b.tcp_uri}: {res.total_s:.1f}s, QEMU's "
