@@ -20,7 +20,7 @@ from czone.cli_mem import vm_mem, vm_reclaim, vm_resize
 from czone.cli_replay import replay
 from czone.cli_run import COMMANDS, backend_options
 from czone.cli_trace import trace
-from czone.endpoint import guest_ssh, is_remote
+from czone.endpoint import guest_ssh
 from czone.errors import CZoneError
 from czone.libvirt_xml import UnsupportedSpec, build_xml, domain_name
 from czone.netplan import BRIDGE, NET_HELP
@@ -239,8 +239,7 @@ def vm_migrate(name: str, to_host: str | None, timeout: float, dry_run: bool,
         to_uri = None if to_host is None else \
             to_host if "://" in to_host else svc.db.host(to_host).uri
         if dry_run and to_uri is not None:
-            click.echo(build_xml(svc.libvirt_migration_plan(name, to_uri)[2],
-                                 remote=is_remote(to_uri)))
+            click.echo(svc.libvirt_migration_xml(name, to_uri))
             return
         if dry_run:
             click.echo(shlex.join(build_argv(svc.migration_plan(name)[2])))

@@ -540,6 +540,10 @@ class Service:
             raise ServiceError(f"VM {name!r} runs under plain QEMU; {PLAIN_MIGRATES_HERE}")
         if to_uri == rec.uri:
             raise ServiceError(f"VM {name!r} already runs at {to_uri}")
+        if rec.net == "bridge":
+            raise ServiceError(f"VM {name!r} is on this machine's bridge (its tap is in "
+                               f"network namespace {rec.netns}); a bridged VM does not "
+                               "migrate")
         spec = self._migrating_spec(rec)
         return rec, spec, replace(spec, run_dir=self._migration_dir(name),
                                   ssh_port=None if spec.ssh_port is None else free_port())
@@ -549,8 +553,8 @@ class Service:
         --to HOST --dry-run``): its spec's, with a run dir and SSH port of its
         own, the source domain's UUID and CZone records."""
         rec, _spec, dst_spec = self.libvirt_migration_plan(name, to_uri)
-        return libvirt_migrate.destination_xml(self._domain(rec),
-                                               build_xml(dst_spec, rec.fn, rec.mode))
+        return libvirt_migrate.destination_xml(
+            self._domain(rec), build_xml(dst_spec, rec.fn, rec.mode, endpoint.is_remote(to_uri)))
 
     @staticmethod
     def _domain(rec: VmRecord) -> Any:
@@ -625,7 +629,8 @@ class Service:
         t0 = time.monotonic()
         try:
             done = libvirt_migrate.migrate(
-                name, rec.uri, dst_uri, build_xml(dst_spec, rec.fn, rec.mode), timeout,
+                name, rec.uri, dst_uri,
+                build_xml(dst_spec, rec.fn, rec.mode, endpoint.is_remote(dst_uri)), timeout,
                 max_bandwidth, str(spec.qemu), "kvm" if spec.accel == "kvm" else "qemu")
         except CZoneError as e:
             shutil.rmtree(dst_spec.run_dir, ignore_errors=True)
@@ -638,8 +643,13 @@ class Service:
         # The hand-over: the record follows the domain.
         self.db.set_vm(name, uri=dst_uri, run_dir=str(dst_spec.run_dir),
                        ssh_port=dst_spec.ssh_port)
-        dst = self._migrated_qemu(name, done.uuid, dst_spec.run_dir)
-        self.db.set_vm(name, pid=dst.pid, proc_start=dst.create_time())
+        if endpoint.is_remote(dst_uri):
+            dst_pid = 0  # no process of it here (czone/endpoint.py)
+            self.db.set_vm(name, pid=0, proc_start=0.0)
+        else:
+            dst = self._migrated_qemu(name, done.uuid, dst_spec.run_dir)
+            dst_pid = dst.pid
+            self.db.set_vm(name, pid=dst.pid, proc_start=dst.create_time())
         self._wait_exit(rec)
         shutil.rmtree(rec.run_dir, ignore_errors=True)
         new = self.db.get(name)
@@ -650,9 +660,9 @@ class Service:
         finally:
             machine.close()
         dst_rss = self._measure(self._device_rss, new) if src_rss is not None else None
-        self.progress(f"{name} migrated to {dst_uri} (QEMU pid {dst.pid}) in {total:.1f}s")
+        self.progress(f"{name} migrated to {dst_uri} (QEMU pid {dst_pid}) in {total:.1f}s")
         # The source's QEMU has quit when libvirt returns: no "after" figure.
-        return MigrateResult(name, rec.pid, dst.pid, dst_spec.ssh_port, str(dst_spec.run_dir),
+        return MigrateResult(name, rec.pid, dst_pid, dst_spec.ssh_port, str(dst_spec.run_dir),
                              total, done.total_time_ms, done.downtime_ms, done.ram, src_rss,
                              None, dst_rss, src_uri=rec.uri, dst_uri=dst_uri)
 

@@ -162,3 +162,47 @@ def test_a_remote_host_through_ssh(artifacts, libvirtd, sshd) -> None:
         ok("host", "rm", "far")
     finally:
         subprocess.run(["rm", "-rf", run], check=False)
+
+
+def test_vm_migrate_to_a_host_by_name(artifacts, libvirtd_factory, sshd) -> None:
+    """``vm migrate NAME --to HOST`` through libvirt, from a local host to one
+    reached by ``qemu+ssh`` (another machine to czonectl): the container
+    answers there, through the host's sshd, and ps says where it is."""
+    a = libvirtd_factory("a")
+    b = libvirtd_factory("b")
+    run = tempfile.mkdtemp(prefix="czone-fleet-")
+    env = {**os.environ, "CZONE_RUN": run, "CZONE_ACCEL": artifacts.accel}
+    far = sshd.uri(b.socket)
+
+    def ok(*args: str) -> str:
+        r = czonectl(env, *args)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    try:
+        ok("host", "add", "a", a.uri)
+        ok("host", "add", "far", far)
+        ctr = json.loads(ok("run", "float_operation", "--backend", "libvirt", "--host", "a",
+                            "--json"))
+        xml = ok("vm", "migrate", ctr["vm"], "--to", "far", "--dry-run")
+        assert "<serial type=\"pty\">" in xml or "<serial type='pty'>" in xml
+        assert run not in xml  # nothing of our run dir on another machine
+        r = czonectl(env, "vm", "migrate", ctr["vm"], "--to", "nowhere")
+        assert r.returncode == 1 and "no host named 'nowhere'" in r.stderr
+
+        out = ok("vm", "migrate", ctr["vm"], "--to", "far")
+        assert f"VM {ctr['vm']} migrated: QEMU pid " in out and "-> far 0 in" in out
+        [vm] = json.loads(ok("vm", "list", "--json"))
+        assert (vm["uri"], vm["pid"], vm["status"]) == (far, 0, "running")
+        assert not a.connect().listAllDomains()
+        assert b.connect().lookupByName(f"czone-{ctr['vm']}").isActive()
+        [c] = json.loads(ok("ps", "--json"))
+        assert (c["id"], c["host"], c["state"]) == (ctr["id"], "far", "running")
+        assert json.loads(ok("invoke", ctr["id"]))["n"] > 0
+        assert ("server_request_direct_tcpip: originator 127.0.0.1 port 0, target 127.0.0.1 "
+                f"port {vm['ssh_port']}") in sshd.log()
+        ok("kill", ctr["id"])
+        ok("vm", "down", ctr["vm"])
+        assert not b.connect().listAllDomains()
+    finally:
+        subprocess.run(["rm", "-rf", run], check=False)
