@@ -100,6 +100,111 @@ static void clone_errors(uint64_t id, uint64_t dead)
 		  ret);
 }
 
+#define STACK_SIZE (64UL << 10)
+
+/* clone3(CLONE_INTO_CZONE @id) sharing our mm; reaps a child process */
+static long clone_vm_into(uint64_t id, int thread, char *stack)
+{
+	struct czt_clone_args a;
+	long ret;
+
+	memset(&a, 0, sizeof(a));
+	a.flags = CLONE_VM | CLONE_INTO_CZONE;
+	if (thread)
+		a.flags |= CLONE_SIGHAND | CLONE_THREAD;
+	else
+		a.exit_signal = SIGCHLD;
+	a.stack = (uintptr_t)stack;
+	a.stack_size = STACK_SIZE;
+	a.czone = id;
+	ret = czt_clone3_vm(&a, sizeof(a));
+	if (ret > 0 && !thread)
+		waitpid(ret, NULL, __WALL);
+	return ret;
+}
+
+/* One mm lives in one CZone: a child sharing it may only join its own */
+static void shared_mm_errors(uint64_t id, uint64_t other)
+{
+	char *stack = mmap(NULL, STACK_SIZE, PROT_READ | PROT_WRITE,
+			   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	long ret;
+	pid_t pid;
+
+	ret = clone_vm_into(id, 0, stack);
+	CZT_CHECK(ret == -EINVAL, "CLONE_VM into a CZone from none: %ld (want EINVAL)", ret);
+	ret = clone_vm_into(id, 1, stack);
+	CZT_CHECK(ret == -EINVAL, "CLONE_THREAD into a CZone from none: %ld (want EINVAL)",
+		  ret);
+
+	pid = czt_clone_into(id);
+	if (pid == 0) {
+		int bad = 0;
+
+		if (clone_vm_into(other, 0, stack) != -EINVAL)
+			bad |= 1;
+		if (clone_vm_into(other, 1, stack) != -EINVAL)
+			bad |= 2;
+		if (clone_vm_into(id, 0, stack) <= 0)
+			bad |= 4;
+		if (clone_vm_into(id, 1, stack) <= 0)	/* exit_group reaps it */
+			bad |= 8;
+		_exit(bad);
+	}
+	ret = czt_wait(pid);
+	CZT_CHECK(ret == 0, "in a CZone: CLONE_VM and CLONE_THREAD into another EINVAL, into "
+		  "its own OK (failed mask %ld)", ret);
+	munmap(stack, STACK_SIZE);
+}
+
+/*
+ * Without CAP_SYS_ADMIN the CZone's checks refuse, not file permissions:
+ * with root's open descriptor, and as root of a new user namespace (the
+ * device's owner, with no capability in the initial namespace).
+ */
+static void privilege_errors(uint64_t id)
+{
+	struct czone_create c = { .size = sizeof(c), .cap_bytes = 2 * MB };
+	struct czone_stat st = { .size = sizeof(st), .id = id };
+	int fd = czt_dev();
+	pid_t pid;
+	int ret;
+
+	pid = fork();
+	if (pid == 0) {
+		if (setresuid(65534, 65534, 65534))
+			_exit(10);
+		if (ioctl(fd, CZONE_IOC_CREATE, &c) == 0 || errno != EPERM)
+			_exit(1);
+		if (ioctl(fd, CZONE_IOC_STAT, &st) == 0 || errno != EPERM)
+			_exit(2);
+		_exit(0);
+	}
+	ret = czt_wait(pid);
+	CZT_CHECK(ret == 0, "unprivileged with root's descriptor: ioctls EPERM (%d)", ret);
+
+	pid = fork();
+	if (pid == 0) {
+		struct czt_clone_args a;
+
+		if (unshare(CLONE_NEWUSER))
+			_exit(10);
+		if (open("/dev/czone", O_RDWR) >= 0 || errno != EPERM)
+			_exit(1);
+		if (ioctl(fd, CZONE_IOC_CREATE, &c) == 0 || errno != EPERM)
+			_exit(2);
+		memset(&a, 0, sizeof(a));
+		a.exit_signal = SIGCHLD;
+		a.flags = CLONE_INTO_CZONE;
+		a.czone = id;
+		if (try_clone(&a, sizeof(a)) != -EPERM)
+			_exit(3);
+		_exit(0);
+	}
+	ret = czt_wait(pid);
+	CZT_CHECK(ret == 0, "root of a user namespace: open, ioctl and clone3 EPERM (%d)", ret);
+}
+
 static int ioc(unsigned long cmd, void *arg)
 {
 	return ioctl(czt_dev(), cmd, arg) ? -errno : 0;
@@ -193,7 +298,7 @@ static void ioctl_errors(uint64_t id)
 
 int main(void)
 {
-	uint64_t id, dead;
+	uint64_t id, dead, other;
 
 	if (czt_create(4 * MB, &id) || czt_create(2 * MB, &dead) ||
 	    czt_destroy(dead, NULL)) {
@@ -202,6 +307,13 @@ int main(void)
 	}
 	clone_errors(id, dead);
 	ioctl_errors(id);
+	privilege_errors(id);
+	if (czt_create(2 * MB, &other) == 0) {
+		shared_mm_errors(id, other);
+		CZT_CHECK(czt_destroy(other, NULL) == 0, "destroy the other CZone");
+	} else {
+		czt_result(0, "create the other CZone: %s", strerror(errno));
+	}
 	CZT_CHECK(czt_destroy(id, NULL) == 0, "cleanup destroy");
 	return czt_exit();
 }

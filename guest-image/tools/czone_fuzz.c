@@ -60,7 +60,57 @@ static size_t pick_size(void)
 		0x40000000ULL /* NEWNET */ | 0x00000080ULL /* NEWTIME */ |	\
 		0x02000000ULL /* NEWCGROUP */ | 0x00020000ULL /* NEWNS */)
 
-static unsigned long clone_ok, clone_err;
+static unsigned long clone_ok, clone_err, vm_ok, vm_err;
+
+#define CHILD_BYTES (64 << 10)
+#define VM_STACK (64UL << 10)
+
+/* a fuzzed child allocates before it exits */
+static void child(void)
+{
+	char *p = mmap(NULL, CHILD_BYTES, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p != MAP_FAILED)
+		memset(p, 0x5a, CHILD_BYTES);
+	_exit(0);
+}
+
+/*
+ * A child sharing our mm (CLONE_VM, maybe CLONE_THREAD), into a random
+ * CZone: it faults one page of its stack, in our mm, and exits
+ * (czt_clone3_vm).  One stack serves them all: each writes one word.
+ */
+static void fuzz_clone_vm(void)
+{
+	static char *stack;
+	struct czt_clone_args a;
+	long ret;
+
+	if (!stack)
+		stack = mmap(NULL, VM_STACK, PROT_READ | PROT_WRITE,
+			     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	memset(&a, 0, sizeof(a));
+	a.flags = CLONE_VM;
+	if (rnd() % 2)
+		a.flags |= CLONE_SIGHAND | CLONE_THREAD;
+	else
+		a.exit_signal = SIGCHLD;
+	if (rnd() % 4)
+		a.flags |= CLONE_INTO_CZONE;
+	if (rnd() % 4)
+		a.czone = pick_id();
+	a.stack = (uintptr_t)stack;
+	a.stack_size = VM_STACK;
+	ret = czt_clone3_vm(&a, rnd() % 4 ? sizeof(a) : pick_size());
+	if (ret > 0) {
+		vm_ok++;
+		if (!(a.flags & CLONE_THREAD))
+			waitpid(ret, NULL, __WALL);
+	} else {
+		vm_err++;
+	}
+}
 
 static void fuzz_clone(void)
 {
@@ -108,7 +158,7 @@ static void fuzz_clone(void)
 
 	pid = czt_clone3(a, size);
 	if (pid == 0)
-		_exit(0);
+		child();
 	if (pid > 0) {
 		clone_ok++;
 		waitpid(pid, NULL, __WALL);
@@ -123,7 +173,7 @@ static void fuzz_ioctl(int fd)
 {
 	static const unsigned long cmds[] = {
 		CZONE_IOC_CREATE, CZONE_IOC_DESTROY, CZONE_IOC_GROW,
-		CZONE_IOC_STAT, CZONE_IOC_LIST,
+		CZONE_IOC_STAT, CZONE_IOC_LIST, CZONE_IOC_RECLAIM,
 	};
 	uint64_t buf[1100];
 	unsigned char *b = (unsigned char *)buf;
@@ -134,9 +184,9 @@ static void fuzz_ioctl(int fd)
 	static const size_t sizes[] = {
 		sizeof(struct czone_create), sizeof(struct czone_destroy),
 		sizeof(struct czone_grow), sizeof(struct czone_stat),
-		sizeof(struct czone_list),
+		sizeof(struct czone_list), sizeof(struct czone_reclaim),
 	};
-	unsigned int which = rnd() % 5;
+	unsigned int which = rnd() % 6;
 
 	memset(buf, 0, sizeof(buf));
 	cmd = cmds[which];
@@ -212,7 +262,11 @@ int main(int argc, char **argv)
 			ids[nids++] = id;
 
 	for (long i = 0; i < n; i++) {
-		if (rnd() % 2)
+		uint64_t r = rnd() % 16;
+
+		if (r < 2)
+			fuzz_clone_vm();
+		else if (r < 9)
 			fuzz_clone();
 		else
 			fuzz_ioctl(fd);
@@ -228,7 +282,8 @@ int main(int argc, char **argv)
 	l.ids = 0;
 	CZT_CHECK(ioctl(fd, CZONE_IOC_LIST, &l) == 0 && l.count == 0,
 		  "all CZones destroyed (%u left)", l.count);
-	czt_result(1, "%ld iterations: clone3 %lu ok / %lu errors, ioctl %lu ok / %lu errors",
-		   n, clone_ok, clone_err, ioc_ok, ioc_err);
+	czt_result(1, "%ld iterations: clone3 %lu ok / %lu errors, sharing the mm %lu ok / "
+		   "%lu errors, ioctl %lu ok / %lu errors",
+		   n, clone_ok, clone_err, vm_ok, vm_err, ioc_ok, ioc_err);
 	return czt_exit();
 }

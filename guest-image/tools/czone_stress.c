@@ -59,7 +59,8 @@ int main(int argc, char **argv)
 	struct czone_stat st = { 0 };
 	time_t end = time(NULL) + secs;
 	int alive = 0, killed = 0, ret;
-	unsigned long cycles = 0;
+	unsigned long cycles = 0, stat_failures = 0, destroy_failures = 0;
+	int last_stat_err = 0, last_destroy_err = 0;
 	uint64_t id, id2;
 	char buf[4096];
 	pid_t pids[64];
@@ -81,7 +82,11 @@ int main(int argc, char **argv)
 	while (time(NULL) < end) {
 		int fd;
 
-		czt_stat(id, &st);
+		ret = czt_stat(id, &st);
+		if (ret) {
+			stat_failures++;
+			last_stat_err = ret;
+		}
 		snprintf(buf, sizeof(buf), "/sys/kernel/debug/czone/%llu/chunks",
 			 (unsigned long long)id);
 		fd = open(buf, O_RDONLY);
@@ -104,7 +109,11 @@ int main(int argc, char **argv)
 			}
 			if (pid > 0)
 				czt_wait(pid);
-			czt_destroy(id2, NULL);
+			ret = czt_destroy(id2, NULL);
+			if (ret) {
+				destroy_failures++;
+				last_destroy_err = ret;
+			}
 			cycles++;
 		}
 	}
@@ -118,9 +127,13 @@ int main(int argc, char **argv)
 	}
 	CZT_CHECK(alive + killed == nw,
 		  "%d workers: %d finished, %d OOM-killed", nw, alive, killed);
-	czt_stat(id, &st);
-	CZT_CHECK(st.nr_tasks == 0 && st.nr_chunks <= 12,
-		  "stat: tasks=%llu chunks=%llu failures=%llu ooms=%llu",
+	CZT_CHECK(stat_failures == 0, "%lu stat calls failed (last %d)", stat_failures,
+		  last_stat_err);
+	CZT_CHECK(destroy_failures == 0, "%lu of %lu destroys alongside failed (last %d)",
+		  destroy_failures, cycles, last_destroy_err);
+	ret = czt_stat(id, &st);
+	CZT_CHECK(ret == 0 && st.nr_tasks == 0 && st.nr_chunks <= 12,
+		  "stat: %d tasks=%llu chunks=%llu failures=%llu ooms=%llu", ret,
 		  st.nr_tasks, st.nr_chunks, st.alloc_failures, st.oom_kills);
 	ret = czt_destroy(id, &d);
 	CZT_CHECK(ret == 0 && d.failed_pages == 0 && d.migrated_pages == 0,
@@ -128,5 +141,6 @@ int main(int argc, char **argv)
 		  d.migrated_pages, d.failed_pages, d.released_chunks);
 	CZT_CHECK(cycles > 0, "%lu create/clone/destroy cycles alongside",
 		  cycles);
+	CZT_CHECK(czt_stat(id, &st) == -ENOENT, "stat after destroy: ENOENT");
 	return czt_exit();
 }

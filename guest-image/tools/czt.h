@@ -11,6 +11,7 @@
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -84,6 +85,29 @@ static inline int czt_exit(void)
 static inline pid_t czt_clone3(struct czt_clone_args *args, size_t size)
 {
 	return syscall(SYS_clone3, args, size);
+}
+
+/*
+ * clone3() a child that shares our memory (CLONE_VM, CLONE_THREAD): it
+ * starts on args->stack, writes one word there (a page fault in our mm)
+ * and exits at once, never returning into C.  Returns its pid or -errno.
+ */
+static inline long czt_clone3_vm(struct czt_clone_args *args, size_t size)
+{
+	long ret;
+
+	asm volatile("syscall\n\t"
+		     "test %%rax, %%rax\n\t"
+		     "jnz 1f\n\t"
+		     "push %%rax\n\t"
+		     "mov $60, %%eax\n\t"	/* exit(0): this thread only */
+		     "xor %%edi, %%edi\n\t"
+		     "syscall\n"
+		     "1:"
+		     : "=a"(ret)
+		     : "0"((long)SYS_clone3), "D"(args), "S"(size)
+		     : "rcx", "r11", "memory");
+	return ret;
 }
 
 /* clone3() a child into CZone @id (0: no flag); returns pid, 0 in child */
