@@ -14,6 +14,7 @@ from libvirt's domain statistics.
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
@@ -22,19 +23,19 @@ from typing import Any
 
 import paramiko
 
-from czone.errors import CZoneError
-from czone.guest.ssh import SSHClient
+from czone.guest.ssh import SSHClient, SshError
 
-LOOPBACK = ("", "localhost", "127.0.0.1", "::1")
 SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
+KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
 CONNECT_TIMEOUT = 15.0
 
 _lock = threading.Lock()
 _jumps: dict[tuple[str, str, int, str | None], paramiko.SSHClient] = {}
 
 
-class EndpointError(CZoneError):
-    pass
+class EndpointError(SshError):
+    """A remote host's side of reaching a guest failed (an SshError: the
+    callers that retry a guest connection retry this too)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,17 @@ class Endpoint:
 
     @property
     def remote(self) -> bool:
-        return self.transport in SSH_TRANSPORTS or self.host not in LOOPBACK
+        return self.transport in SSH_TRANSPORTS or not is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` names this machine's loopback ("" too: no host in the URI)."""
+    if host in ("", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse(uri: str | None) -> Endpoint | None:
@@ -81,12 +92,12 @@ def _jump(ep: Endpoint) -> paramiko.SSHClient:
         transport = client.get_transport() if client is not None else None
         if transport is not None and transport.is_active():
             return client  # type: ignore[return-value]
+        if client is not None:
+            client.close()
         client = paramiko.SSHClient()
-        client.load_system_host_keys()
-        known = Path.home() / ".ssh" / "known_hosts"
-        if known.exists():
-            client.load_host_keys(str(known))
-        # libvirt's no_verify=1: the host key is not checked (as libvirt does not)
+        for known in (Path.home() / ".ssh" / "known_hosts", KNOWN_HOSTS):
+            _load_known(client.get_host_keys(), known)
+        # libvirt's no_verify=1: an unknown host key is accepted, in memory only
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy()
                                            if ep.params.get("no_verify") == "1"
                                            else paramiko.RejectPolicy())
@@ -100,6 +111,25 @@ def _jump(ep: Endpoint) -> paramiko.SSHClient:
                                 f"SSH: {type(e).__name__}: {e}") from None
         _jumps[key] = client
         return client
+
+
+def _load_known(keys: paramiko.HostKeys, path: Path) -> None:
+    """The entries of known_hosts file ``path`` that paramiko understands,
+    read only: nothing is ever written back (``SSHClient.load_host_keys``
+    would make paramiko rewrite the file, losing what it cannot parse, such
+    as ``@cert-authority`` lines, which are skipped here)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    for line in lines:
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+        except Exception:  # InvalidHostKey, or a key type paramiko lacks
+            continue
+        if entry is not None and entry.key is not None:
+            for name in entry.hostnames:
+                keys.add(name, entry.key.get_name(), entry.key)
 
 
 def tunnel(ep: Endpoint, port: int) -> Any:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from czone.endpoint import is_loopback
 from czone.errors import CZoneError
 from czone.libvirt_backend import _libvirt, connect, is_ours, lookup, remove_domain
 from czone.libvirt_xml import CZONE_NS, domain_name
@@ -40,6 +41,12 @@ SOURCE_EXIT_TIMEOUT = 30.0
 
 class LibvirtMigrationError(CZoneError):
     pass
+
+
+class MigrationUndecided(LibvirtMigrationError):
+    """The job's outcome is not known (it outlived its abort, or a host did
+    not answer): nothing was cleaned up, and the caller keeps its marker so
+    that a later ``reconcile`` settles it."""
 
 
 @dataclass
@@ -77,10 +84,6 @@ def data_address(src_uri: str, dst_uri: str) -> str | None:
     if host:
         return host
     return "127.0.0.1" if not urlsplit(src_uri).hostname else None
-
-
-def is_loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def migration_params(src_uri: str, dst_uri: str, xml: str,
@@ -203,12 +206,11 @@ def migrate(vm: str, src_uri: str, dst_uri: str, dst_xml: str, timeout: float,
     worker.start()
     try:
         worker.join(timeout)
-    except BaseException:  # interrupted: the job must not run on without us
+    except BaseException:
+        # Interrupted: the job must not run on without us, but it may have
+        # finished meanwhile; the caller's marker lets reconcile decide.
         with contextlib.suppress(libvirt.libvirtError):
             src.abortJob()
-        worker.join(SETTLE_TIMEOUT)
-        with contextlib.suppress(CZoneError):
-            rescue(vm, src_uri, dst_uri, uuid)
         raise
     why = None
     if worker.is_alive():
@@ -217,9 +219,9 @@ def migrate(vm: str, src_uri: str, dst_uri: str, dst_xml: str, timeout: float,
             src.abortJob()
         worker.join(SETTLE_TIMEOUT)
         if worker.is_alive():
-            raise LibvirtMigrationError(f"domain {src.name()}: the migration to {dst_uri} "
-                                        f"was {why}, and the job did not end within "
-                                        f"{SETTLE_TIMEOUT:.0f}s")
+            raise MigrationUndecided(f"domain {src.name()}: the migration to {dst_uri} was "
+                                     f"{why}, and the job did not end within "
+                                     f"{SETTLE_TIMEOUT:.0f}s")
     result = outcome[0] if outcome else None
     if not isinstance(result, BaseException):
         return _completed(result, uuid)  # done, even if it finished as we aborted
@@ -265,6 +267,20 @@ def _completed(dom: Any, uuid: str) -> Migrated:
                     ram_stats(stats), stats)
 
 
+def _message(e: Exception) -> str:
+    get = getattr(e, "get_error_message", None)
+    return str(get() if get else e)
+
+
+def _state(dom: Any, uri: str) -> int:
+    libvirt = _libvirt()
+    try:
+        return int(dom.state()[0])
+    except libvirt.libvirtError as e:
+        raise MigrationUndecided(f"cannot ask {uri} about {dom.name()}: "
+                                 f"{e.get_error_message()}") from None
+
+
 def rescue(vm: str, src_uri: str, dst_uri: str, uuid: str) -> str:
     """After a failed migration: the destination's domain of that UUID, if
     libvirt left one, goes; the source runs (resumed if it was left paused).
@@ -272,12 +288,17 @@ def rescue(vm: str, src_uri: str, dst_uri: str, uuid: str) -> str:
     if the source does not run."""
     libvirt = _libvirt()
     said = []
-    src = lookup(src_uri, vm)
-    if src is None or not src.isActive():
+    try:
+        src = lookup(src_uri, vm)
+        src_runs = src is not None and src.isActive()
+    except (CZoneError, libvirt.libvirtError) as e:
+        raise MigrationUndecided(f"cannot ask {src_uri} about {domain_name(vm)}: "
+                                 f"{_message(e)}") from None
+    if not src_runs:
         # Never remove the destination then: it may be all there is of the guest.
         raise LibvirtMigrationError(f"domain {domain_name(vm)} is no longer running at "
                                     f"{src_uri} after the failed migration")
-    with contextlib.suppress(CZoneError, libvirt.libvirtError):
+    try:
         dst = lookup(dst_uri, vm)
         if dst is not None and dst.UUIDString() == uuid:
             with contextlib.suppress(libvirt.libvirtError):
@@ -285,8 +306,12 @@ def rescue(vm: str, src_uri: str, dst_uri: str, uuid: str) -> str:
                     dst.destroy()
             dst.undefine()
             said.append("its domain at the destination removed")
+    except (CZoneError, libvirt.libvirtError) as e:
+        # Resuming the source could run the guest twice: leave it as it is.
+        raise MigrationUndecided(f"cannot ask {dst_uri} whether it runs {domain_name(vm)}: "
+                                 f"{_message(e)}; the source is left as it is") from None
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    while (state := src.state()[0]) != libvirt.VIR_DOMAIN_RUNNING:
+    while (state := _state(src, src_uri)) != libvirt.VIR_DOMAIN_RUNNING:
         if state == libvirt.VIR_DOMAIN_PAUSED:
             with contextlib.suppress(libvirt.libvirtError):
                 src.resume()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from czone import bridge, libvirt_backend, libvirt_migrate, migrate
+from czone.endpoint import is_remote
 from czone.errors import CZoneError
 from czone.libvirt_xml import domain_name
 from czone.netplan import staging_tap_name
@@ -176,7 +177,9 @@ def _settle_migration(svc: Service, marker: Path) -> list[str]:
         return [f"VM {name}: unreadable migration marker removed ({e})"]
     rec = next((v for v in svc.db.list() if v.name == name), None)
     if m.get("backend") == "libvirt":
-        what = _settle_libvirt_migration(svc, name, m, rec)
+        settled, what = _settle_libvirt_migration(svc, name, m, rec)
+        if not settled:  # the marker stays: a later command settles it
+            return [f"VM {name}: a migration was cut short; {what}"]
         rec = next((v for v in svc.db.list() if v.name == name), None)
         shutil.rmtree(src if rec is not None and Path(rec.run_dir) == dst else dst,
                       ignore_errors=True)
@@ -203,30 +206,35 @@ def _settle_migration(svc: Service, marker: Path) -> list[str]:
 
 
 def _settle_libvirt_migration(svc: Service, name: str, m: dict[str, Any],
-                              rec: VmRecord | None) -> str:
+                              rec: VmRecord | None) -> tuple[bool, str]:
     """A libvirt migration whose czonectl died.  libvirt has cancelled a job
     whose client went away, unless the destination already ran the guest
-    (then the source waits, paused): whichever side runs it keeps it."""
+    (then the source waits, paused): whichever side runs it keeps it.
+    Whether it is settled (False: a host did not answer; the marker stays),
+    and what was done."""
     src_uri, dst_uri = m["src_uri"], m["dst_uri"]
     if rec is None:
-        return "the VM's record is gone; nothing done"
-    if rec.uri == dst_uri:
-        what = libvirt_backend.remove_domain(src_uri, name)
-        return f"it had moved to {dst_uri}; the source's domain: {what}"
+        return True, "the VM's record is gone; nothing done"
     try:
+        if rec.uri == dst_uri:
+            what = libvirt_backend.remove_domain(src_uri, name)
+            return True, f"it had moved to {dst_uri}; the source's domain: {what}"
         uuid = m["uuid"]
         dst = libvirt_migrate.moved_domain(name, src_uri, dst_uri, uuid)
         if dst is not None:
-            procs = [p for p in libvirt_backend.qemu_processes(uuid)
-                     if any(m["dst_run_dir"] in a for a in p.cmdline())]
+            if is_remote(dst_uri):
+                where: dict[str, Any] = {"pid": 0, "proc_start": 0.0}
+            else:
+                procs = [p for p in libvirt_backend.qemu_processes(uuid)
+                         if any(m["dst_run_dir"] in a for a in p.cmdline())]
+                where = ({"pid": procs[0].pid, "proc_start": procs[0].create_time()}
+                         if len(procs) == 1 else {})
             svc.db.set_vm(name, uri=dst_uri, run_dir=m["dst_run_dir"],
-                          ssh_port=m.get("dst_ssh_port"),
-                          **({"pid": procs[0].pid, "proc_start": procs[0].create_time()}
-                             if len(procs) == 1 else {}))
+                          ssh_port=m.get("dst_ssh_port"), **where)
             what = libvirt_backend.remove_domain(src_uri, name)
-            return f"the guest runs at {dst_uri}, the record follows it; the source's " \
-                   f"domain: {what}"
+            return True, f"the guest runs at {dst_uri}, the record follows it; the " \
+                         f"source's domain: {what}"
         done = libvirt_migrate.rescue(name, src_uri, dst_uri, uuid)
-        return f"the guest runs on at {src_uri}" + (f"; {done}" if done else "")
+        return True, f"the guest runs on at {src_uri}" + (f"; {done}" if done else "")
     except CZoneError as e:
-        return f"cannot settle it yet: {e}"
+        return False, f"cannot settle it yet (the marker stays): {e}"

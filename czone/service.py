@@ -461,6 +461,9 @@ class Service:
         if st == "starting":
             raise ServiceError(f"VM {name!r} is still starting (czonectl pid {rec.pid}); "
                                "wait for it or stop that process")
+        if st == "unknown":
+            raise ServiceError(f"VM {name!r} is at {rec.uri}, which does not answer; it may "
+                               "still run, so its record stays: try again when it answers")
         self._drop_agent(name)
         if st == "running":
             machine = self.machine(rec)
@@ -604,13 +607,17 @@ class Service:
                                f"({marker})") from None
         finally:
             tmp.unlink()
-        try:
-            if to_uri is not None:
-                return self._migrate_libvirt(name, rec, to_uri, timeout, max_bandwidth,
-                                             spec=spec, dst_spec=dst_spec)
-            return self._migrate(name, rec, spec, dst_spec, timeout, max_bandwidth)
-        finally:
-            marker.unlink(missing_ok=True)
+        if to_uri is None:
+            try:
+                return self._migrate(name, rec, spec, dst_spec, timeout, max_bandwidth)
+            finally:
+                marker.unlink(missing_ok=True)
+        # libvirt: an outcome not known (an interrupt, a job that outlived its
+        # abort, a host that did not answer) keeps the marker, for reconcile.
+        result = self._migrate_libvirt(name, rec, to_uri, timeout, max_bandwidth,
+                                       spec=spec, dst_spec=dst_spec)
+        marker.unlink(missing_ok=True)
+        return result
 
     def _migrate_libvirt(self, name: str, rec: VmRecord, dst_uri: str, timeout: float,
                          max_bandwidth: int, *, spec: VmSpec | None = None,
@@ -632,13 +639,14 @@ class Service:
                 name, rec.uri, dst_uri,
                 build_xml(dst_spec, rec.fn, rec.mode, endpoint.is_remote(dst_uri)), timeout,
                 max_bandwidth, str(spec.qemu), "kvm" if spec.accel == "kvm" else "qemu")
+        except libvirt_migrate.MigrationUndecided as e:
+            raise ServiceError(f"VM {name!r}: the migration's outcome is not known yet ({e}); "
+                               "the next czonectl command settles it") from None
         except CZoneError as e:
             shutil.rmtree(dst_spec.run_dir, ignore_errors=True)
+            self.db.migration_marker(name).unlink(missing_ok=True)
             raise ServiceError(f"VM {name!r} did not migrate and runs on at {rec.uri}: "
                                f"{e}") from None
-        except BaseException:
-            shutil.rmtree(dst_spec.run_dir, ignore_errors=True)
-            raise
         total = time.monotonic() - t0
         # The hand-over: the record follows the domain.
         self.db.set_vm(name, uri=dst_uri, run_dir=str(dst_spec.run_dir),
@@ -887,7 +895,7 @@ class Service:
             views = [VmView(v.name, v.fn, v.mode, v.requested_mib, v.device_mib,  # type: ignore[arg-type]
                             sum(c.memory_mib for c in ctrs if c.vm == v.name
                                 and c.state != "lost"),
-                            status(v) != "dead", v.net)
+                            status(v) not in ("dead", "unknown"), v.net)
                      for v in vms if v.fn]
             max_mib = MCPV_DEVICE_MIB if mode in MCPV_MODES else \
                 round_up(memory_mib, LINUX_MEMORY_BLOCK_MIB)
@@ -1094,6 +1102,9 @@ class Service:
                 self.vm_down(vm.name)
             self.db.remove_ctr(ctr_id)
             return KillResult(ctr_id, vm.name, before)
+        if vm is not None and status(vm) == "unknown":
+            raise ServiceError(f"container {ctr_id!r} is in VM {vm.name!r} at {vm.uri}, which "
+                               "does not answer; try again when it answers")
         if rec.state == "lost" or vm is None or status(vm) != "running":
             self.db.remove_ctr(ctr_id)
             return KillResult(ctr_id, rec.vm, None)

@@ -24,11 +24,14 @@ from typing import Any, Literal
 import psutil
 
 from czone.artifacts import cache_dir
+from czone.endpoint import is_remote
 from czone.errors import CZoneError
 from czone.libvirt_backend import domain_status
 from czone.qemu.machine import live_process
 
-Status = Literal["running", "starting", "dead"]
+# "unknown": a VM on another machine whose libvirt does not answer (it may
+# well run; nothing may treat it as dead).
+Status = Literal["running", "starting", "dead", "unknown"]
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
@@ -153,11 +156,14 @@ def pid_matches(pid: int, proc_start: float) -> bool:
 
 def status(record: VmRecord) -> Status:
     """A libvirt VM's state is libvirt's once it is up (a domain destroyed
-    behind our back is dead); if libvirt cannot be asked, its QEMU pid's."""
+    behind our back is dead); if libvirt cannot be asked, its QEMU pid's,
+    or ``unknown`` on another machine, where no process of it is here."""
     if record.backend == "libvirt" and record.state != "starting" and record.uri:
         seen = domain_status(record.uri, record.name)
         if seen is not None:
             return seen  # type: ignore[return-value]
+        if is_remote(record.uri):
+            return "unknown"
     if not pid_matches(record.pid, record.proc_start):
         return "dead"
     return "starting" if record.state == "starting" else "running"

@@ -2,7 +2,9 @@
 /*
  * A full CZone: its task is OOM-killed (by its memory cgroup, or directly
  * when in the root memory cgroup) instead of hanging or spilling into
- * other memory; failures are counted; GROW lets it go further.
+ * other memory (every MiB it touched before the kill is checked with
+ * pagemap to lie in the CZone's chunks); failures are counted; GROW lets
+ * it go further.
  *
  * Needs: /dev/czone; cgroup2 (mounted at /sys/fs/cgroup by the test if
  * nothing is mounted there).
@@ -12,16 +14,33 @@
 
 #define MB (1UL << 20)
 
-/* Child: touch @mb MiB of anonymous memory, exit 0 if it survives */
-static int hog(size_t mb)
+#define MAXR 64
+
+/*
+ * Child: touch @mb MiB of anonymous memory one MiB at a time, each MiB
+ * checked with pagemap to lie in CZone @id's chunks (nothing spills into
+ * other memory before the kill); exit 0 if it survives, 2 on a spill.
+ */
+static int hog(uint64_t id, size_t mb)
 {
+	static struct czt_range r[MAXR];
 	char *p = mmap(NULL, mb * MB, PROT_READ | PROT_WRITE,
 		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	long present, inside, outside;
+	int n;
 
 	if (p == MAP_FAILED)
 		return 1;
 	madvise(p, mb * MB, MADV_NOHUGEPAGE);
-	czt_touch(p, mb * MB, 1);
+	for (size_t i = 0; i < mb; i++) {
+		czt_touch(p + i * MB, MB, 1);
+		n = czt_chunks(id, r, MAXR);
+		if (n < 0 || czt_pfn_check(p + i * MB, MB, r, n, NULL, 0, &present,
+					   &inside, &outside))
+			return 3;
+		if (inside != present)
+			return 2;
+	}
 	return 0;
 }
 
@@ -43,7 +62,7 @@ static int run_in(uint64_t id, int cgfd, size_t mb)
 		return -errno;
 	if (pid == 0) {
 		alarm(120);
-		_exit(hog(mb));
+		_exit(hog(id, mb));
 	}
 	return czt_wait(pid);
 }

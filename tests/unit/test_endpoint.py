@@ -54,3 +54,20 @@ def test_a_remote_domain_keeps_nothing_in_our_run_dir(tmp_path: Path) -> None:
     serial = remote.find("devices/serial")
     assert serial is not None and serial.get("type") == "pty"
     assert serial.find("log").get("file") == "/var/log/libvirt/qemu/czone-r1.serial.log"
+
+
+def test_known_hosts_are_read_only_and_odd_lines_skipped(tmp_path: Path) -> None:
+    import paramiko
+
+    known = tmp_path / "known_hosts"
+    text = ("# a comment\n"
+            "@cert-authority *.example.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKk1\n"
+            "[127.0.0.1]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLs"
+            "abgH5C9okWi0dh2l9GKJl\n"
+            "not a host key line\n")
+    known.write_text(text)
+    keys = paramiko.HostKeys()
+    endpoint._load_known(keys, known)
+    assert list(keys.keys()) == ["[127.0.0.1]:2222"]
+    endpoint._load_known(keys, tmp_path / "missing")  # no file: nothing, no error
+    assert known.read_text() == text

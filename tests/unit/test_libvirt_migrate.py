@@ -204,3 +204,33 @@ def test_a_migration_whose_czonectl_died(running: subprocess.Popen, moved: bool,
         assert after == rec
         assert Path(rec.run_dir).exists() and not Path(m["dst_run_dir"]).exists()
     assert db.migration_markers() == []
+
+
+def test_a_migration_that_cannot_be_settled_yet_keeps_its_marker(
+        running: subprocess.Popen, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that does not answer: nothing is removed, the marker stays for
+    a later command; a remote destination's record gets pid 0."""
+    from czone import libvirt_backend, recovery
+
+    db = StateDB()
+    rec = add(db, running.pid, "libvirt", LOCAL_A)
+    far = "qemu+ssh://root@h2.example/system"
+    m = marker(db, rec, far)
+
+    def down(*_a: object) -> None:
+        raise libvirt_backend.LibvirtError(f"cannot connect to libvirt at {far}")
+
+    monkeypatch.setattr(lm, "moved_domain", down)
+    [line] = recovery._settle_migration(Service(db=db), db.migration_marker("vm0"))
+    assert line == ("VM vm0: a migration was cut short; cannot settle it yet (the marker "
+                    f"stays): cannot connect to libvirt at {far}")
+    assert db.migration_markers() == [db.migration_marker("vm0")]
+    assert Path(rec.run_dir).exists() and Path(m["dst_run_dir"]).exists()
+    assert db.get("vm0") == rec
+
+    monkeypatch.setattr(lm, "moved_domain", lambda *a: object())
+    monkeypatch.setattr(libvirt_backend, "remove_domain", lambda *a: "destroyed and undefined")
+    recovery._settle_migration(Service(db=db), db.migration_marker("vm0"))
+    after = db.get("vm0")
+    assert (after.uri, after.pid, after.proc_start) == (far, 0, 0.0)
+    assert db.migration_markers() == []
