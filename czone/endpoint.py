@@ -7,7 +7,7 @@ endpoint, and every ``qemu+ssh`` one (the way to reach another machine), is
 *remote*: the console streams through libvirt, the guest's SSH forward
 (127.0.0.1 on that host) is reached through a ``direct-tcpip`` channel of
 an SSH connection to the host (the same user, port and ``keyfile`` as the
-URI, so whatever lets libvirt in lets czonectl in), and host memory comes
+URI, the SSH agent and default keys, known_hosts read only), and host memory comes
 from libvirt's domain statistics.
 """
 

@@ -176,7 +176,7 @@ def _bridge_nic(devices: ET.Element, spec: VmSpec) -> None:
     assert spec.tap is not None
     nic = _sub(devices, "interface", type="ethernet")
     _sub(nic, "mac", address=spec.tap.mac)
-    _sub(nic, "target", dev=staging_tap_name(spec.name), managed="no")
+    _sub(nic, "target", dev=staging_tap_name(spec.run_dir), managed="no")
     _sub(nic, "model", type="virtio")
     _sub(nic, "rom", enabled="no")
     _sub(nic, "address", type="pci", domain="0x0000", bus="0x00",

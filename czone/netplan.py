@@ -80,11 +80,12 @@ def tap_name(address: str) -> str:
     return f"{TAP_PREFIX}{host_of(address)}"
 
 
-def staging_tap_name(vm: str) -> str:
+def staging_tap_name(run_dir: str | os.PathLike[str]) -> str:
     """The name a libvirt VM's tap has in the host's namespace, where libvirtd
-    opens it, before czonectl moves it into its namespace as ``tap_name``
-    (unique per VM name, within IFNAMSIZ)."""
-    return "czl" + hashlib.sha1(vm.encode()).hexdigest()[:10]
+    opens it, before czonectl moves it into its namespace as ``tap_name``:
+    unique per VM *and* per state store (the VM's run dir, which is under
+    the store's root), within IFNAMSIZ."""
+    return "czl" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:10]
 
 
 def allocate(used: Iterable[str]) -> TapNic:

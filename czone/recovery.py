@@ -63,13 +63,16 @@ def reconcile(svc: Service) -> list[str]:
     done += reconcile_net(svc)
     done += _libvirt_orphans(svc)
     pending: dict[str, list[CtrRecord]] = {}
+    # The VMs' states first: asking libvirt (maybe another machine) must not
+    # hold the store's write lock.
+    seen = {v.name: status(v) for v in svc.db.list()}
     # One snapshot of both tables: a VM and its first container are
     # written together by _place, and must be read together.
     with svc.db.transaction() as conn:
         vms = {v.name: v for v in vms_in(conn)}
         for c in ctrs_in(conn):
             vm = vms.get(c.vm)
-            if c.state != "lost" and (vm is None or status(vm) == "dead"):
+            if c.state != "lost" and (vm is None or seen.get(vm.name) == "dead"):
                 conn.execute("UPDATE containers SET state='lost' WHERE id=? AND state=?",
                              (c.id, c.state))
                 done.append(f"container {c.id}: lost with VM {c.vm}")
@@ -152,7 +155,7 @@ def reconcile_net(svc: Service) -> list[str]:
             for v in vms:
                 if status(v) == "dead" and v.tap and ns.delete_tap(v.tap):
                     done.append(f"VM {v.name}: its tap {v.tap} deleted")
-                staged = staging_tap_name(v.name)
+                staged = staging_tap_name(v.run_dir)
                 if v.backend == "libvirt" and status(v) == "dead" and \
                         bridge.unstage_tap(staged):
                     done.append(f"VM {v.name}: its tap {staged} deleted from the host's "

@@ -257,14 +257,14 @@ class Service:
         ns = self._namespace()
         with ns.locked():
             ns.ensure()
-        bridge.stage_tap(netplan.staging_tap_name(spec.name))
+        bridge.stage_tap(netplan.staging_tap_name(spec.run_dir))
 
     def _adopt_tap(self, spec: VmSpec) -> None:
         assert spec.tap is not None
         ns = self._namespace()
         with ns.locked():
             ns.ensure()
-            ns.adopt_tap(netplan.staging_tap_name(spec.name), netplan.tap_name(spec.tap.address))
+            ns.adopt_tap(netplan.staging_tap_name(spec.run_dir), netplan.tap_name(spec.tap.address))
 
     def _delete_tap(self, netns: str | None, tap: str | None) -> None:
         """Before the record goes: its address, and so its tap's name, is
@@ -309,12 +309,19 @@ class Service:
         return self.db.hosts() or [HostRecord(libvirt_backend.DEFAULT_URI,
                                               libvirt_backend.DEFAULT_URI, 0.0)]
 
-    def boot_uri(self) -> str | None:
-        """The libvirt URI a new VM boots at (None: a QEMU process of ours)."""
+    def boot_uri(self, net: str = "user") -> str | None:
+        """The libvirt URI a new VM boots at (None: a QEMU process of ours);
+        a bridged one only on this machine, where the bridge is."""
         if self.backend != "libvirt":
             return None
+        hosts = self.hosts()
+        if net == "bridge" and self._pinned is None:
+            hosts = [h for h in hosts if not endpoint.is_remote(h.uri)]
+            if not hosts:
+                raise ServiceError("--net bridge needs a host on this machine (the bridge is "
+                                   "here); the fleet has none")
         try:
-            return fleet.boot_host(self.db, self.hosts(), self.progress).uri
+            return fleet.boot_host(self.db, hosts, self.progress).uri
         except CZoneError as e:
             raise ServiceError(str(e)) from None
 
@@ -334,7 +341,7 @@ class Service:
         """Reserve ``spec.name``, boot it and wait for SSH (and the agent)."""
         self.db.ensure_free(spec.name)
         self.check_backend(spec)
-        uri = self.boot_uri()
+        uri = self.boot_uri(spec.net)
         self.check_domain_free(spec, uri)
         self.check_net_at(spec.net, uri)
         if spec.tap is not None:
@@ -429,7 +436,7 @@ class Service:
                 self._delete_tap(self.netns if tap else None, tap)
             if staged:
                 with contextlib.suppress(CZoneError, OSError):
-                    bridge.unstage_tap(netplan.staging_tap_name(spec.name))
+                    bridge.unstage_tap(netplan.staging_tap_name(spec.run_dir))
             self.db.remove(spec.name)
             with contextlib.suppress(CZoneError, OSError):
                 self._drop_netns_if_unused(self.netns if tap else None)
@@ -850,7 +857,7 @@ class Service:
         memory_mib = memory_mib or memory_for(fn)
         self.accel()  # a first-time KVM probe must not run under the store's lock
         self.reconcile()
-        uri = self.boot_uri()  # only a new VM needs it; a host that fails fails here
+        uri = self.boot_uri(net)  # only a new VM needs it; a host that fails fails here
         self.check_net_at(net, uri)
         ctr_id, vm, boot_spec = self._place(fn, mode, memory_mib, net, uri)
         booted = boot_spec is not None
@@ -890,12 +897,19 @@ class Service:
         VM's record or the grown VM's requested size."""
         me = os.getpid()
         spec = None
+        # Asking libvirt (maybe another machine) must not hold the store's lock.
+        seen = {v.name: status(v) for v in self.db.list()}
         with self.db.transaction() as conn:
+            fleet_uris = [r[0] for r in conn.execute("SELECT uri FROM hosts")]
+            if uri is not None and self._pinned is None and fleet_uris and \
+                    uri not in fleet_uris:  # a `host rm` since boot_uri() chose it
+                raise ServiceError(f"the fleet changed meanwhile ({uri} is no host of it); "
+                                   "try again")
             vms, ctrs = vms_in(conn), ctrs_in(conn)
             views = [VmView(v.name, v.fn, v.mode, v.requested_mib, v.device_mib,  # type: ignore[arg-type]
                             sum(c.memory_mib for c in ctrs if c.vm == v.name
                                 and c.state != "lost"),
-                            status(v) not in ("dead", "unknown"), v.net)
+                            seen.get(v.name, "starting") not in ("dead", "unknown"), v.net)
                      for v in vms if v.fn]
             max_mib = MCPV_DEVICE_MIB if mode in MCPV_MODES else \
                 round_up(memory_mib, LINUX_MEMORY_BLOCK_MIB)

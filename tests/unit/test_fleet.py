@@ -113,3 +113,21 @@ def test_cli_host_errors_are_one_line() -> None:
     assert r.exit_code == 1 and "no host named 'h1'" in r.output
     r = CliRunner().invoke(cli, ["host", "list"])
     assert r.exit_code == 0 and "no host registered" in r.output
+
+
+def test_a_bridged_vm_boots_only_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from czone.service import Service, ServiceError
+
+    db = StateDB()
+    db.add_host("far", "qemu+ssh://root@h2.example/system")
+    svc = Service(db=db, backend="libvirt")
+    with pytest.raises(ServiceError, match="--net bridge needs a host on this machine"):
+        svc.boot_uri("bridge")
+    db.add_host("here", "qemu:///system")
+    offered: list[list[str]] = []
+    monkeypatch.setattr(fleet, "boot_host",
+                        lambda _db, hosts, _p: offered.append([h.name for h in hosts])
+                        or hosts[0])
+    assert svc.boot_uri("bridge") == "qemu:///system"
+    svc.boot_uri("user")
+    assert offered == [["here"], ["far", "here"]]

@@ -83,11 +83,11 @@ def test_bridged_nic_is_a_tap_libvirtd_opens_then_eth1() -> None:
     assert nic.get("type") == "ethernet"
     assert nic.find("mac").get("address") == "52:54:00:77:00:02"
     target = nic.find("target")
-    assert target.get("managed") == "no" and target.get("dev") == staging_tap_name(spec.name)
+    assert target.get("managed") == "no" and target.get("dev") == staging_tap_name(spec.run_dir)
     assert len(target.get("dev")) <= 15
     assert nic.find("address").get("slot") == "0x12" and nic.find("address").get("bus") == "0x00"
     assert "ip=10.77.0.2:::255.255.255.0::eth1:off" in dom.findtext("os/cmdline")
-    assert staging_tap_name("a") != staging_tap_name("b")
+    assert staging_tap_name("/r1/vms/a") != staging_tap_name("/r2/vms/a")
 
 
 @pytest.mark.parametrize("change", [

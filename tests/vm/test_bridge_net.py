@@ -178,7 +178,7 @@ def test_a_libvirt_vm_on_the_bridge(artifacts, run_root: Path, netns_name: str, 
         assert links["czt2"]["master"] == links[BRIDGE]["index"]
         assert links["czt2"]["state"] == "up"
         with IPRoute() as ipr:  # nothing left in the host's namespace
-            assert not ipr.link_lookup(ifname=staging_tap_name(vm.name))
+            assert not ipr.link_lookup(ifname=staging_tap_name(vm.run_dir))
         assert "inet 10.77.0.2/24" in guest(svc, vm.name, "busybox ip addr show dev eth1")
         assert guest(svc, vm.name, "cat /sys/class/net/eth1/address").strip() == \
             "52:54:00:77:00:02"

@@ -94,7 +94,8 @@ def test_two_hosts_place_list_and_refuse(two_hosts) -> None:
     stats = json.loads(ok("stats", "--json"))
     assert {vm: s["host"] for vm, s in stats.items()} == on
     for ctr in (first, second, third):
-        assert "latency" in czonectl(env, "invoke", ctr["id"]).stderr
+        r = czonectl(env, "invoke", ctr["id"])
+        assert r.returncode == 0 and "latency" in r.stderr, r.stderr
 
     # A host that holds VMs cannot go; the error lists them.
     host_a_vms = sorted(vm for vm, h in on.items() if h == "a")
