@@ -10,6 +10,7 @@ libvirt's, and the shutdown is destroy + undefine.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import queue
@@ -59,6 +60,19 @@ def _libvirt() -> Any:
         raise LibvirtError("--backend libvirt needs libvirt-python: "
                            "pip install 'czone[libvirt]'") from None
     return libvirt
+
+
+def _close_all() -> None:
+    """At exit, while libvirt-python can still close them: its virConnect
+    finalizer, run after the module is torn down, would print a traceback."""
+    with _lock:
+        for conn in _conns.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+        _conns.clear()
+
+
+atexit.register(_close_all)
 
 
 def _start_event_loop(libvirt: Any) -> None:
