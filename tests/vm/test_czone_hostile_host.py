@@ -137,6 +137,34 @@ def test_a_host_that_never_answers_wedges_no_task(microvm_factory) -> None:
     assert_dmesg_clean(vm)
 
 
+def test_a_destroy_against_a_host_that_never_answers_ends(microvm_factory) -> None:
+    """The batched UNPLUGs of a destroy share one deadline."""
+    vm = boot(microvm_factory, "czmute2",
+              append=f"virtio_czone.request_timeout_ms={TIMEOUT_MS}")
+    ssh = vm.ssh()
+    with GuestAgent(ssh, timeout=120) as agent:
+        cz = agent.create(128)
+        agent.spawn("c", cz, 128, thp=False)
+        agent.touch("c", 64)
+        plugged = qmp.device_size(vm, DEV)
+        agent.kill("c")
+
+        set_fault(vm, "never-answer")
+        t0 = time.monotonic()
+        res = agent.destroy(cz)
+        waited = time.monotonic() - t0
+        assert waited < 60, f"the destroy waited {waited:.0f} s for a dead host"
+        # The CZone is gone; its blocks stay plugged, spare, never handed out.
+        assert res["failed"] == 0 and res["released"] * 2 * MiB == plugged, res
+        assert f"no answer to request 1 within {TIMEOUT_MS} ms" in dmesg(vm)
+        st = state(vm)
+        assert st["broken"] == "1" and int(st["spare_blocks"]) * 2 * MiB == plugged, st
+        assert qmp.device_size(vm, DEV) == plugged
+    ssh.close()
+    assert vm.qmp("query-status")["status"] == "running"
+    assert_dmesg_clean(vm)
+
+
 def test_a_surprise_removal_leaves_czones_their_memory(microvm_factory) -> None:
     # Poisoned frees turn a use of the freed virtio device into an oops.
     vm = boot(microvm_factory, "czgone", append="slub_debug=P")
