@@ -23,7 +23,7 @@ mkdir -p "$obj"
 kmake() { make -C "$stock" O="$obj" LOCALVERSION="-stock-${key:0:8}" "$@"; }
 kmake -s x86_64_defconfig
 # Every option of ours except those the series adds.
-grep -vhE '^(# )?CONFIG_(VIRTIO_)?CZONE[= ]' "$REPO"/kernel-patches/configs/*.config \
+grep -vhE '^(# )?CONFIG_(VIRTIO_)?CZONE(_[A-Z0-9_]+)?[= ]' "$REPO"/kernel-patches/configs/*.config \
 	> "$obj/czone-stock.config"
 "$stock/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" \
 	"$stock/kernel/configs/kvm_guest.config" "$obj/czone-stock.config" >/dev/null

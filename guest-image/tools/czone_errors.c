@@ -293,6 +293,14 @@ static void ioctl_errors(uint64_t id)
 	CZT_CHECK(ioc(CZONE_IOC_LIST, &l) == -EINVAL, "list huge count: EINVAL");
 
 	CZT_CHECK(ioc(_IO(CZONE_IOC_MAGIC, 0x7f), &l) == -ENOTTY, "unknown ioctl: ENOTTY");
+	/* the whole number, not just _IOC_NR, names an ioctl */
+	CREATE(2 * MB);
+	CZT_CHECK(ioc(_IO(CZONE_IOC_MAGIC, _IOC_NR(CZONE_IOC_CREATE)), &c) == -ENOTTY,
+		  "create without direction and size: ENOTTY");
+	CZT_CHECK(ioc(_IOWR(CZONE_IOC_MAGIC, _IOC_NR(CZONE_IOC_CREATE), uint64_t), &c) ==
+		  -ENOTTY, "create with another size: ENOTTY");
+	CZT_CHECK(ioc(_IOR(CZONE_IOC_MAGIC, _IOC_NR(CZONE_IOC_STAT), struct czone_stat),
+		      &st) == -ENOTTY, "stat with another direction: ENOTTY");
 	CZT_CHECK(ioc(_IO('x', 1), &l) == -ENOTTY, "foreign ioctl: ENOTTY");
 }
 

@@ -346,3 +346,18 @@ def test_requested_size_shrink_takes_free_chunks_first(czvm: Machine,
     agent.touch("again", 8)
     assert agent.verify("again") == 8 * 256
     assert_dmesg_clean(czvm)
+
+
+def test_a_kdump_kernel_leaves_the_device_alone(microvm_factory) -> None:
+    """elfcorehdr= makes is_kdump_kernel() true (the header itself is bogus:
+    the vmcore is not set up, which this test does not need).  A fresh VM
+    has nothing plugged, so this shows that the device is not used at all;
+    it cannot show an UNPLUG_ALL of memory a crashed kernel left plugged."""
+    vm = microvm_factory.boot("czkdump", **CZONE_VIRTIO_VM, extra_append="elfcorehdr=0x1000")
+    with vm.ssh() as ssh:
+        assert "kdump kernel: not using the device" in ssh.check("dmesg").stdout
+        assert "virtio_czone" not in ssh.check("cat /proc/iomem").stdout
+        assert ssh.run("ls /sys/kernel/debug/virtio_czone/virtio*").rc != 0
+    assert qmp.device_size(vm, DEV) == 0
+    assert vm.qmp("query-status")["status"] == "running"
+    assert_dmesg_clean(vm)
