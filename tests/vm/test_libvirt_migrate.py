@@ -36,6 +36,7 @@ from tests.vm.test_migrate import (
     PAGE,
     device_state,
     guest_stats,
+    three_containers_one_with_holes,
     verify_data,
     with_data,
 )
@@ -116,16 +117,7 @@ def answers(svc: Service, vm: str, ctr: str, files: int) -> None:
 def test_three_live_containers_migrate_to_another_host(svc: Service, host_a,
                                                        libvirtd_factory) -> None:
     host_b = libvirtd_factory("b", tcp=True)
-    runs = [svc.run(FN, args=with_data(16, False)),
-            svc.run(FN, args=with_data(48, True)),
-            svc.run(FN, args=with_data(24, False))]
-    vm = runs[0].vm
-    assert {r.vm for r in runs} == {vm}, "MCPV put the function's containers in one VM"
-    holey = runs[1]
-    files = {r.id: verify_data(svc, vm, r.id) for r in runs}
-    assert files == {runs[0].id: 16, holey.id: 24, runs[2].id: 24}
-    reclaimed = svc.vm_reclaim(vm, czone=holey.czone)
-    assert reclaimed["bytes"] >= 16 * MiB, reclaimed
+    runs, vm, files = three_containers_one_with_holes(svc)
 
     before = svc.db.get(vm)
     dev_before = device_state(svc, vm)

@@ -29,7 +29,7 @@ from czone import hostmem
 from czone.guest.ssh import SSHClient
 from czone.qemu import qmp
 from czone.qemu.machine import own_qemu_processes
-from czone.service import DEVICE, MCPV_DEVICE_MIB, VM_BOOT_MIB, Service, ServiceError
+from czone.service import DEVICE, MCPV_DEVICE_MIB, VM_BOOT_MIB, RunResult, Service, ServiceError
 from czone.state import StateDB
 from tests.vm.conftest import REPO
 from tests.vm.test_vm_cli import CZONECTL, czonectl
@@ -128,21 +128,28 @@ def guest_stats(svc: Service, vm: str) -> dict[str, dict]:
             for c, s in svc.ask(vm, lambda a: a.stats()).items()}
 
 
-def test_three_live_containers_migrate_with_their_data(svc: Service) -> None:
+def three_containers_one_with_holes(svc: Service) -> tuple[list[RunResult], str,
+                                                               dict[str, int]]:
+    """Three containers of FN in one MCPV VM, with 16, 24 and 24 files of
+    data; the second deleted every other file of 48, and a reclaim punched
+    the freed pages out of its chunks.  The runs, the VM and the files."""
     runs = [svc.run(FN, args=with_data(16, False)),
             svc.run(FN, args=with_data(48, True)),
             svc.run(FN, args=with_data(24, False))]
     vm = runs[0].vm
     assert {r.vm for r in runs} == {vm}, "MCPV put the function's containers in one VM"
     assert all(r.warmup.get("ok") for r in runs), [r.warmup for r in runs]
-    holey = runs[1]
     files = {r.id: verify_data(svc, vm, r.id) for r in runs}
-    assert files == {runs[0].id: 16, holey.id: 24, runs[2].id: 24}
-
+    assert files == {runs[0].id: 16, runs[1].id: 24, runs[2].id: 24}
     # The deleted files' pages (and the writer's freed heap) go back to the host:
     # DISCARDs punch holes into the chunks the CZone keeps plugged.
-    reclaimed = svc.vm_reclaim(vm, czone=holey.czone)
+    reclaimed = svc.vm_reclaim(vm, czone=runs[1].czone)
     assert reclaimed["bytes"] >= 16 * MiB, reclaimed
+    return runs, vm, files
+
+
+def test_three_live_containers_migrate_with_their_data(svc: Service) -> None:
+    runs, vm, files = three_containers_one_with_holes(svc)
     before = svc.db.get(vm)
     dev_before = device_state(svc, vm)
     stats_before = guest_stats(svc, vm)
