@@ -148,6 +148,22 @@ def three_containers_one_with_holes(svc: Service) -> tuple[list[RunResult], str,
     return runs, vm, files
 
 
+def assert_sent_is_memory_in_use(ram: dict, qemu_rss: int, backed: int) -> None:
+    """What a migration sent (query-migrate's ``ram``) is the memory in use.
+    Every guest page is sent at least once, a zero page as a header of a few
+    bytes; pages the guest dirties meanwhile go again.  So the bytes stay
+    within the source's whole RSS (which also holds TCG's code cache and
+    QEMU's own heap) plus 64 MiB of pages sent twice, and hold at least the
+    64 MiB of random data.  Pages looked at (sent, zero or not): the boot
+    memory, what the device backs (``backed``), and at most 128 MiB of
+    resends: not its unplugged blocks nor the holes of the plugged ones."""
+    assert 64 * MiB <= ram["normal-bytes"] <= ram["transferred"] <= qemu_rss + 64 * MiB, \
+        (ram, qemu_rss)
+    pages = ram["normal"] + ram["duplicate"]
+    assert pages * PAGE <= VM_BOOT_MIB * MiB + backed + 128 * MiB, (ram, backed)
+    assert pages * PAGE < (VM_BOOT_MIB + MCPV_DEVICE_MIB) * MiB // 2
+
+
 def test_three_live_containers_migrate_with_their_data(svc: Service) -> None:
     runs, vm, files = three_containers_one_with_holes(svc)
     before = svc.db.get(vm)
@@ -190,20 +206,7 @@ def test_three_live_containers_migrate_with_their_data(svc: Service) -> None:
         assert verify_data(svc, vm, r.id) == files[r.id]
     assert set(svc.stats()[vm]["containers"]) == {r.id for r in runs}
 
-    # What was sent is the memory in use.  Every guest page is sent at least
-    # once, a zero page as a header of a few bytes; pages the guest dirties
-    # meanwhile go again.  So the bytes stay within the source's whole RSS
-    # (which also holds TCG's code cache and QEMU's own heap) plus 64 MiB of
-    # pages sent twice, and hold at least the 64 MiB of random data.
-    ram = res.ram
-    assert 64 * MiB <= ram["normal-bytes"] <= ram["transferred"] <= qemu_rss + 64 * MiB, \
-        (ram, qemu_rss)
-    # Pages looked at (sent, zero or not): the boot memory, what the device
-    # backs, and at most 128 MiB of resends: not its unplugged blocks
-    # (MCPV_DEVICE_MIB - plugged) nor the holes of the plugged ones.
-    pages = ram["normal"] + ram["duplicate"]
-    assert pages * PAGE <= VM_BOOT_MIB * MiB + backed + 128 * MiB, (ram, backed)
-    assert pages * PAGE < (VM_BOOT_MIB + MCPV_DEVICE_MIB) * MiB // 2
+    assert_sent_is_memory_in_use(res.ram, qemu_rss, backed)
     # The holes were not read on either side: reading a memfd hole backs it.
     assert res.src_device_rss_after is not None and res.dst_device_rss is not None
     assert res.src_device_rss_after <= backed + 8 * MiB, (res.src_device_rss_after, backed)
