@@ -83,29 +83,70 @@ def stable_pss(pid: int, timeout: float = 120.0) -> int:
     return settle(lambda: pss_bytes(pid), timeout=timeout).value
 
 
+def memfd_paths(pid: int) -> list[str]:
+    """/proc paths of the memfds ``pid`` holds open (QEMU's memory backends)."""
+    fds = f"/proc/{pid}/fd"
+    paths = []
+    try:
+        names = os.listdir(fds)
+    except OSError as e:
+        raise CZoneError(f"cannot list {fds}: {e.strerror}") from None
+    for name in names:
+        try:
+            if os.readlink(f"{fds}/{name}").startswith("/memfd:"):
+                paths.append(f"{fds}/{name}")
+        except OSError:
+            continue
+    return paths
+
+
+def allocated_bytes(paths: list[str]) -> int:
+    """Bytes allocated to these files.  shmem lowers a file's block count when a
+    hole punch has freed the pages, not when it unmapped them as RSS shows."""
+    total = 0
+    for path in paths:
+        try:
+            total += os.stat(path).st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
 class RssWatch:
-    """Sample RSS in a thread while something happens; find when it stopped moving.
+    """Sample a process's memory in a thread while something happens; find when
+    the host had it back.
+
+    Two views are sampled: RSS, and the bytes allocated to the memfds the
+    process holds (QEMU's memory backends).  RSS falls when pages are unmapped;
+    a memfd's allocation falls when a punch has freed them.  The memory is back
+    when both stopped moving.
 
     ``with RssWatch(pid) as w: t0 = time.monotonic(); do()`` then
-    ``w.finish(t0)`` returns (bytes before, bytes after, seconds from t0 until
-    RSS last moved by more than the tolerance).
+    ``w.finish(t0)`` returns (RSS before, RSS after, seconds from t0 until both
+    views last moved by more than the tolerance).
     """
 
     def __init__(self, pid: int, interval: float = 0.002, tolerance: int = MiB):
         self.pid, self.interval, self.tolerance = pid, interval, tolerance
         self.samples: list[tuple[float, int]] = []
+        self.files: list[tuple[float, int]] = []
+        self._memfds: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            value = rss_bytes(self.pid)
+            value, files = rss_bytes(self.pid), allocated_bytes(self._memfds)
             # stamped after the read: a sample stamped before t0 was read before t0
-            self.samples.append((time.monotonic(), value))
+            now = time.monotonic()
+            self.samples.append((now, value))
+            self.files.append((now, files))
             time.sleep(self.interval)
 
     def __enter__(self) -> RssWatch:
+        self._memfds = memfd_paths(self.pid)
         self.before = stable_rss(self.pid)
+        self.files_before = allocated_bytes(self._memfds)
         self._thread.start()
         return self
 
@@ -115,16 +156,21 @@ class RssWatch:
 
     def finish(self, t0: float, quiet: float = 1.0,
                timeout: float = 120.0) -> tuple[int, int, float]:
-        """Wait until RSS is stable, stop sampling, and analyse the samples."""
-        settle(lambda: rss_bytes(self.pid), timeout=timeout, quiet=quiet,
-               tolerance=self.tolerance)
+        """Wait until both views are stable, stop sampling, and analyse the samples."""
+        settle(lambda: rss_bytes(self.pid) + allocated_bytes(self._memfds),
+               timeout=timeout, quiet=quiet, tolerance=self.tolerance)
         self._stop.set()
         self._thread.join()
-        # RSS at t0 is the last value seen before it: a change that ends before the
-        # sampler's next tick still counts up to that tick, not as instantaneous
-        at_t0 = [v for t, v in self.samples if t < t0][-1:] or [self.before]
-        samples = sorted([*self.samples, (t0, at_t0[0])])
-        return (self.before, *settled_after(samples, t0, quiet, self.tolerance))
+        after, rss_s = self._settled(self.samples, self.before, t0, quiet)
+        _, files_s = self._settled(self.files, self.files_before, t0, quiet)
+        return self.before, after, max(rss_s, files_s)
+
+    def _settled(self, samples: list[tuple[float, int]], before: int, t0: float,
+                 quiet: float) -> tuple[int, float]:
+        # the value at t0 is the last one seen before it: a change that ends before
+        # the sampler's next tick still counts up to that tick, not as instantaneous
+        at_t0 = [v for t, v in samples if t < t0][-1:] or [before]
+        return settled_after(sorted([*samples, (t0, at_t0[0])]), t0, quiet, self.tolerance)
 
 
 def settled_after(samples: list[tuple[float, int]], t0: float, quiet: float,

@@ -61,14 +61,15 @@ def render(accel: str, why: str, reps: Mapping[int, int],
         f"reclaim: a dying container among 3 live neighbours (interleaved 64 KiB steps), "
         f"accelerator {accel} ({why}); host view, medians",
         *fewer, "",
-        "latency: from the request until the process's RSS stopped moving (raw cases: "
-        "the call's return in the note); n/a: the case returned nothing", "",
+        "latency: from the request until the process's RSS and its memfds' allocation "
+        "stopped moving (raw cases: the call's return in the note); n/a: the case "
+        "returned nothing", "",
         table(["MiB", "case", "n", "latency (ms)", "spread (ms)", "returned (MiB)",
                "complete (%)", "note"], rows), "",
         "ratios per repetition, medians [min-max] (targets: speedup >= 20; CZone <= 1.3 x raw "
-        "+ fixed guest cost in every repetition, where raw = the mean of the 2 MiB-hole "
-        "punches just before and after the destroy, fixed = an empty CZone's destroy round "
-        "trip; complete >= 99%)",
+        "+ fixed guest cost in every repetition, where raw = the mean of the one-hole "
+        "punches of the same bytes just before and after the destroy, fixed = an empty "
+        "CZone's destroy round trip; complete >= 99%)",
         table(["MiB", "virtio-mem until S / CZone", "CZone / raw", "CZone (ms)",
                "1.3 x raw + fixed (ms)", "fixed: empty destroy (ms)", "stat round trip (ms)",
                "destroy in guest (ms)", "CZone complete (%)"],

@@ -3,7 +3,8 @@
 Each VM runs four containers of ``size`` MiB (one that dies, three live
 neighbours) that touched their memory interleaved in 64 KiB steps, so the
 dying container's pages lie scattered among live ones.  Every figure is
-the host's: the QEMU process's RSS, sampled by ``hostmem.RssWatch``.
+the host's: the QEMU process's RSS and its memfds' allocation, sampled by
+``hostmem.RssWatch``.
 """
 
 from __future__ import annotations
@@ -111,9 +112,10 @@ def czone_destroy(size_mib: int) -> tuple[Sample, dict[str, Sample], str]:
     """Case 1: the dying container's CZone is destroyed; its chunks are unplugged.
 
     Case 5's raw discards run beside it, while this VM is up and idle: the
-    same machine load.  The punch in 2 MiB holes (the dying CZone's blocks
-    are scattered among its neighbours', so QEMU punches one hole per block)
-    runs just before and just after the destroy, bracketing it."""
+    same machine load.  The one-hole punch of the same bytes (the driver
+    places a CZone's blocks side by side, so QEMU punches one hole) runs just
+    before and just after the destroy, bracketing it; so does the punch in
+    2 MiB holes, what QEMU does for blocks scattered among other CZones'."""
     dev = device_mib(size_mib)
     with booted("rcl-cz", BASE_MIB, memory_mode="czone", device_memory_mib=dev,
                 requested_mib=dev) as (vm, accel), agent_in(vm) as agent:
@@ -126,6 +128,7 @@ def czone_destroy(size_mib: int) -> tuple[Sample, dict[str, Sample], str]:
                   "memfd_2m": raw.memfd_punch(size_mib, BLOCK_MIB)}
         answer: dict[str, int] = {}
         sample = measure(vm.pid, resident, lambda: answer.update(agent.destroy(ids[0])))
+        beside["memfd_after"] = raw.memfd_punch(size_mib)
         beside["memfd_2m_after"] = raw.memfd_punch(size_mib, BLOCK_MIB)
         beside["anon"] = raw.anon_dontneed(size_mib)
         sample.extra |= {**fixed, "destroy": answer, "stat_before": stat,

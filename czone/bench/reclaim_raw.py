@@ -3,8 +3,9 @@
 memfd + fallocate(PUNCH_HOLE) is what QEMU does for a memfd-backed device
 when a block is unplugged; anonymous memory + MADV_DONTNEED is what it does
 for ordinary guest RAM (the balloon).  Latency has the VM cases' definition:
-from the call until the process's RSS stops moving (``hostmem.RssWatch``);
-the bare call's duration is kept beside it as ``call_s``.
+from the call until the process's RSS and its memfds' allocation stopped
+moving (``hostmem.RssWatch``); the bare call's duration is kept beside it as
+``call_s``.
 """
 
 from __future__ import annotations

@@ -129,3 +129,25 @@ def test_smaps_totals_pick_the_mappings_asked_for(tmp_path) -> None:
         assert smaps_total(os.getpid(), "Rss", lambda _p, name: name == "") >= 8 * MiB
         mapped.close()
     anon.close()
+
+
+def test_rss_watch_waits_for_a_punched_memfd_to_be_freed() -> None:
+    # RSS falls when the punch unmaps the pages; they are back when it freed them
+    from czone.bench.reclaim_raw import punch_hole, touch
+
+    size = 128 * MiB
+    fd = os.memfd_create("czone-test-watch")
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as m:
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+            touch(m, size)
+            with hostmem.RssWatch(os.getpid(), tolerance=MiB) as w:
+                assert w.files_before >= size
+                t0 = time.monotonic()
+                punch_hole(fd, 0, size)
+                call = time.monotonic() - t0
+                _, _, latency = w.finish(t0, quiet=0.3)
+    finally:
+        os.close(fd)
+    assert latency >= 0.9 * call, (latency, call)
