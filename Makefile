@@ -5,8 +5,11 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 CZONECTL := $(VENV)/bin/czonectl
 PYTEST_ARGS ?=
+DEBUG_TESTS ?= tests/vm/test_czone_kernel.py tests/vm/test_czone_virtio.py \
+	tests/vm/test_czone_hostile_host.py tests/vm/test_upstream_selftests.py
 
-.PHONY: all deps kernel kernel-stock qemu image demo test test-unit test-vm bench lint \
+.PHONY: all deps kernel kernel-stock kernel-debug qemu image demo test test-unit test-vm \
+	test-debug bench lint \
 	kernel-tree kernel-export qemu-export
 
 all: kernel qemu image
@@ -19,6 +22,10 @@ kernel: deps
 
 kernel-stock: kernel
 	scripts/build-kernel-stock.sh
+
+# Outside `make test` and CI's time: KASAN, lockdep, DEBUG_VM, DEBUG_LIST.
+kernel-debug: kernel
+	CZONE_KERNEL_FLAVOUR=debug scripts/build-kernel.sh
 
 qemu: deps
 	scripts/build-qemu.sh
@@ -37,6 +44,10 @@ test-unit: deps
 
 test-vm: all kernel-stock
 	$(VENV)/bin/pytest -ra -m vm tests/vm $(PYTEST_ARGS)
+
+# The kernel and device VM tests on the debug kernel; every one checks dmesg.
+test-debug: all kernel-debug
+	CZONE_KERNEL_FLAVOUR=debug $(VENV)/bin/pytest -ra $(DEBUG_TESTS) $(PYTEST_ARGS)
 
 bench: all kernel-stock
 	$(PY) -m czone.bench $(if $(QUICK),--quick) $(BENCH)

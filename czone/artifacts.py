@@ -34,6 +34,9 @@ INPUTS: dict[str, tuple[tuple[str, ...], str | None, str]] = {
              "qemu-system-data", "make qemu"),
     "image": (("guest-image", "scripts/build-image.sh", "scripts/lib.sh"),
               None, "make image"),
+    # the same series and config, plus KASAN, lockdep, DEBUG_VM and DEBUG_LIST
+    "kernel-debug": (("kernel-patches", "scripts/build-kernel.sh", "scripts/lib.sh"),
+                     "linux-source-6.12", "make kernel-debug"),
     # the same source and config without the series: the run-time baseline
     "kernel-stock": (("kernel-patches/configs", "scripts/build-kernel-stock.sh",
                       "scripts/lib.sh"), "linux-source-6.12", "make kernel-stock"),
@@ -136,10 +139,14 @@ def _require(name: str, *files: str) -> Path:
 
 
 def kernel() -> Kernel:
-    """The current kernel, or ``$CZONE_KERNEL`` (a vmlinux) when set."""
+    """The current kernel: ``$CZONE_KERNEL`` (a vmlinux) when set, the debug
+    build when ``$CZONE_KERNEL_FLAVOUR`` is ``debug``, else ``make kernel``'s."""
     if override := os.environ.get("CZONE_KERNEL"):
         return Kernel(Path(override), "external")
-    d = _require("kernel", "vmlinux", "release")
+    flavour = os.environ.get("CZONE_KERNEL_FLAVOUR", "")
+    if flavour not in ("", "debug"):
+        raise CZoneError(f"CZONE_KERNEL_FLAVOUR={flavour!r}: want debug, or nothing")
+    d = _require("kernel-debug" if flavour else "kernel", "vmlinux", "release")
     return Kernel(d / "vmlinux", (d / "release").read_text().strip())
 
 

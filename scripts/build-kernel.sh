@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # make kernel: Debian's linux-source-6.12 + kernel-patches/6.12.x + configs.
+# make kernel-debug (CZONE_KERNEL_FLAVOUR=debug): the same, plus
+# kernel-patches/debug/debug.config, in its own object dir and artifact.
 TOOL=kernel
 . "$(dirname "$0")/lib.sh"
 
-key=$(artifact_key kernel)
-out=$CACHE/kernel/$key
+case ${CZONE_KERNEL_FLAVOUR:-} in
+"") name=kernel tag=czone extra=() ;;
+debug) name=kernel-debug tag=czone-debug extra=("$REPO/kernel-patches/debug/debug.config") ;;
+*) die "unknown CZONE_KERNEL_FLAVOUR=$CZONE_KERNEL_FLAVOUR (want debug, or nothing)" ;;
+esac
+key=$(artifact_key $name)
+out=$CACHE/$name/$key
 reuse_if_built "$out" release
 
 tarball=$(ls /usr/src/linux-source-6.12.tar.xz 2>/dev/null) ||
 	die "linux-source-6.12 is not installed; run 'make deps'"
 tree=$(kernel_tree)
 srcver=${tree##*/linux-}
-obj=$CACHE/build/kernel-obj
+obj=$CACHE/build/$name-obj
 
 if [ ! -d "$tree/.git" ]; then
 	log "unpacking $tarball"
@@ -23,9 +30,9 @@ fi
 git_tree_apply "$tree" "$REPO/kernel-patches/6.12.x"
 
 mkdir -p "$obj"
-kmake() { make -C "$tree" O="$obj" LOCALVERSION="-czone-${key:0:8}" "$@"; }
+kmake() { make -C "$tree" O="$obj" LOCALVERSION="-$tag-${key:0:8}" "$@"; }
 kmake -s x86_64_defconfig
-fragments=("$REPO"/kernel-patches/configs/*.config)
+fragments=("$REPO"/kernel-patches/configs/*.config "${extra[@]}")
 "$tree/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" \
 	"$tree/kernel/configs/kvm_guest.config" "${fragments[@]}" >/dev/null
 kmake -s olddefconfig
@@ -58,7 +65,7 @@ make -s -C "$tree/tools/testing/selftests" TARGETS="${selftests[*]}" \
 	O="$obj/selftests-build" INSTALL_PATH="$obj/selftests" install >/dev/null ||
 	die "building selftests ${selftests[*]} failed"
 
-stage=$CACHE/kernel/.stage-$key
+stage=$CACHE/$name/.stage-$key
 rm -rf "$stage" && mkdir -p "$stage"
 cp "$obj/vmlinux" "$obj/.config" "$obj/System.map" "$stage/"
 mv "$stage/.config" "$stage/config"

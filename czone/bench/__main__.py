@@ -49,6 +49,8 @@ def main(argv: list[str]) -> int:
     command = command_line(args.quick, args.scenarios, os.environ)
     rc = 0
     for name in names:
+        # the builds this run uses: a rebuild while it runs must not change them
+        started = results.provenance(None, command)
         try:
             # the replay's JSON lines are raw samples too: kept beside the JSON
             result = replay.run(out_dir=args.results) if name == "replay" and not args.quick \
@@ -57,7 +59,7 @@ def main(argv: list[str]) -> int:
             print(f"bench {name}: error: {e}", file=sys.stderr)
             rc = 1
             continue
-        result["provenance"] = results.provenance(result.get("accel"), command)
+        result["provenance"] = {**started, "accel": result.get("accel") or "unknown"}
         print(f"saved {report.save(name, result)} and "
               f"{results.save_json(args.results, name, result)}\n")
     write_report(args.results)
