@@ -128,11 +128,11 @@ def test_czones_grown_together_keep_their_blocks_apart(czvm: Machine,
 
 def test_destroy_of_a_scattered_czone_returns_it_all(czvm: Machine,
                                                      agent: GuestAgent) -> None:
-    """32 small CZones spread over the region leave a big one only short runs
-    between them: its many runs go to the device together (one batch), and all
-    of it comes back."""
+    """15 small CZones spread over the region (the agent holds 16 containers)
+    leave a big one only short runs between them: its many runs go to the
+    device together (one batch), and all of it comes back."""
     small = []
-    for i in range(32):
+    for i in range(15):
         cz = agent.create(4)
         agent.spawn(f"s{i}", cz, 1, thp=False)
         agent.touch(f"s{i}", 1)
@@ -150,7 +150,7 @@ def test_destroy_of_a_scattered_czone_returns_it_all(czvm: Machine,
     blocks = int(st1["unplugs"]) - int(st0["unplugs"])
     runs = int(st1["unplug_requests"]) - int(st0["unplug_requests"])
     assert res["migrated"] == 0 and res["failed"] == 0
-    assert blocks >= 192 and runs >= 16, f"{blocks} blocks in {runs} runs: not scattered"
+    assert blocks >= 192 and runs >= 8, f"{blocks} blocks in {runs} runs: not scattered"
     assert 383 * MiB <= returned <= 392 * MiB, f"{returned / MiB:.1f} MiB came back"
     assert {name: agent.verify(name) for name in small} == pages
     assert st1["failures"] == st0["failures"] and st1["spare_blocks"] == "0"
