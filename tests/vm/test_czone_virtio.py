@@ -287,6 +287,36 @@ def test_churn_leaves_rss_and_memtotal_flat(czvm: Machine, agent: GuestAgent) ->
     assert_dmesg_clean(czvm)
 
 
+def test_kcore_reader_in_a_growing_czone_beside_destroys(czvm: Machine,
+                                                         agent: GuestAgent) -> None:
+    """A /proc/kcore read holds page_offline_freeze() across copies to the
+    reader's buffer, which may fault and grow the reader's CZone (cz->mutex,
+    the driver's hp_mutex); a destroy beside it sets PageOffline under
+    page_offline_begin().  Neither may wait for the other: a deadlock would
+    hang this test, and the debug build's lockdep reports the cycle."""
+    reader = agent.create(64)
+    with czvm.ssh() as ssh:
+        ssh.check("test -r /proc/kcore")
+        # each dd is a new task whose 8 MiB buffer faults during the copy
+        ssh.check(f"nohup sh -c 'for i in $(seq 12); do /usr/local/bin/czone_exec {reader} "
+                  "dd if=/proc/kcore of=/dev/null bs=8M count=2 skip=1; done; "
+                  "echo done > /tmp/kcore.done' > /tmp/kcore.log 2>&1 &")
+        for i in range(8):
+            cz = agent.create(32)
+            agent.spawn(f"d{i}", cz, 32, thp=False)
+            agent.touch(f"d{i}", 16)
+            agent.kill(f"d{i}")
+            assert agent.destroy(cz)["failed"] == 0
+        deadline = time.monotonic() + 120
+        while ssh.run("test -e /tmp/kcore.done").rc:
+            assert time.monotonic() < deadline, \
+                "the kcore readers did not finish: " + ssh.run("cat /tmp/kcore.log").stdout
+            time.sleep(0.5)
+        assert "records in" in ssh.check("cat /tmp/kcore.log").stdout
+    assert agent.stat(reader)["chunks"] >= 4, "the reader's CZone never grew"
+    assert_dmesg_clean(czvm)
+
+
 def hook(vm: Machine, req: str) -> tuple[int, str]:
     """Send one raw request through debugfs: (write status, device response)."""
     with vm.ssh() as ssh:
