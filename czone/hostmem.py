@@ -101,8 +101,9 @@ def memfd_paths(pid: int) -> list[str]:
 
 
 def allocated_bytes(paths: list[str]) -> int:
-    """Bytes allocated to these files.  shmem lowers a file's block count when a
-    hole punch has freed the pages, not when it unmapped them as RSS shows."""
+    """Bytes allocated to these files.  shmem lowers a file's block count as a
+    hole punch frees the pages (recalculated on stat), not when it unmaps them,
+    which is what RSS shows."""
     total = 0
     for path in paths:
         try:
