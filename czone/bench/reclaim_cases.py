@@ -131,7 +131,7 @@ def czone_destroy(size_mib: int) -> tuple[Sample, Sample, dict[str, Sample], str
         stat = agent.stat(ids[0])
         fixed = fixed_costs(agent, ids[1])
         beside = {"memfd_2m": raw.memfd_punch(size_mib, BLOCK_MIB)}
-        cold = destroyed(vm.pid, agent, ids[0], resident)
+        cold = destroyed(vm, agent, ids[0], resident)
         beside["memfd_2m_after"] = raw.memfd_punch(size_mib, BLOCK_MIB)
         cold.extra |= {**fixed, "stat_before": stat,
                        "verified_pages": verify_neighbours(agent, size_mib)}
@@ -142,18 +142,32 @@ def czone_destroy(size_mib: int) -> tuple[Sample, Sample, dict[str, Sample], str
         resident = agent.touch(AGAIN, 0) * 1024
         agent.kill(AGAIN)
         beside["memfd"] = raw.memfd_punch(size_mib)
-        warm = destroyed(vm.pid, agent, again, resident)
+        warm = destroyed(vm, agent, again, resident)
         beside["memfd_after"] = raw.memfd_punch(size_mib)
         beside["anon"] = raw.anon_dontneed(size_mib)
         warm.extra |= {**fixed, "verified_pages": verify_neighbours(agent, size_mib)}
     return cold, warm, beside, accel
 
 
-def destroyed(pid: int, agent: GuestAgent, czone: int, resident: int) -> Sample:
+def destroyed(vm: Machine, agent: GuestAgent, czone: int, resident: int) -> Sample:
     answer: dict[str, int] = {}
-    sample = measure(pid, resident, lambda: answer.update(agent.destroy(czone)))
-    sample.extra["destroy"] = answer
+    before = unplug_requests(vm)
+    sample = measure(vm.pid, resident, lambda: answer.update(agent.destroy(czone)))
+    sample.extra["destroy"] = answer | {"unplug_requests": unplug_requests(vm) - before}
     return sample
+
+
+def unplug_requests(vm: Machine) -> int:
+    """UNPLUG requests the driver sent so far (its debugfs counter): one per
+    run of contiguous blocks, so a destroy's count says how many holes QEMU
+    punched."""
+    with vm.ssh() as ssh:
+        out = ssh.check("cat /sys/kernel/debug/virtio_czone/*/state").stdout
+    counts = [int(line.split()[1]) for line in out.splitlines()
+              if line.startswith("unplug_requests ")]
+    if len(counts) != 1:
+        raise CZoneError(f"expected one virtio-czone device's unplug_requests, got {out!r}")
+    return counts[0]
 
 
 def virtio_mem(size_mib: int) -> tuple[Sample, Sample]:

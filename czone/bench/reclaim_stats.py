@@ -197,9 +197,13 @@ def notes(case: str, ss: list[Sample]) -> str:
     x = [s.extra for s in ss]
     if case in ("czone", "czone_warm"):
         lo, hi = (f(e["destroy"]["released"] for e in x) for f in (min, max))
-        return (f"{median([e['destroy']['ns'] / 1e6 for e in x]):.1f} ms in the guest, "
+        text = (f"{median([e['destroy']['ns'] / 1e6 for e in x]):.1f} ms in the guest, "
                 f"{lo if lo == hi else f'{lo}-{hi}'} chunks, "
                 f"{sum(e['destroy']['migrated'] for e in x)} pages migrated")
+        if all("unplug_requests" in e["destroy"] for e in x):
+            reqs = "/".join(str(e["destroy"]["unplug_requests"]) for e in x)
+            text += f", UNPLUG requests per repetition {reqs}"
+        return text
     if case == "vmem_shrink":
         missed = sum(not e.get("reached", True) for e in x)
         return (f"device shrunk after {median([e['done_s'] * 1e3 for e in x]):.0f} ms"

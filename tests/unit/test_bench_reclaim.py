@@ -167,6 +167,11 @@ def test_summary_takes_medians_and_keeps_flags_strict() -> None:
     assert s["notes"]["czone_warm"] == "15.0 ms in the guest, 33 chunks, 0 pages migrated"
     reps[0]["czone"].extra["destroy"] = {**reps[0]["czone"].extra["destroy"], "released": 32}
     assert "32-33 chunks" in summarize(reps)["notes"]["czone"]
+    for n, r in enumerate(reps):
+        r["czone_warm"].extra["destroy"] = {**r["czone_warm"].extra["destroy"],
+                                            "unplug_requests": n + 1}
+    assert summarize(reps)["notes"]["czone_warm"].endswith(
+        ", UNPLUG requests per repetition 1/2/3")
     reps[1]["vmem_shrink"].extra["reached"] = False
     assert "did not reach the size in 1 repetition(s)" in summarize(reps)["notes"]["vmem_shrink"]
     with pytest.raises(ValueError):
