@@ -20,9 +20,9 @@ def czone_vm(microvm_factory):
 
 
 @pytest.mark.parametrize("program", ["czone_place", "czone_errors", "czone_oom",
-                                     "czone_hotplug"])
+                                     "czone_hotplug", "czone_remote"])
 def test_in_guest_program(czone_vm, program: str) -> None:
-    run_program(czone_vm, program)
+    print(run_program(czone_vm, program))
     assert_dmesg_clean(czone_vm)
 
 
