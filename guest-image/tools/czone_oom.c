@@ -10,7 +10,6 @@
  * nothing is mounted there).
  */
 #include "czt.h"
-#include <sys/mount.h>
 
 #define MB (1UL << 20)
 
@@ -67,22 +66,6 @@ static int run_in(uint64_t id, int cgfd, size_t mb)
 	return czt_wait(pid);
 }
 
-static int cgroup_setup(void)
-{
-	int fd;
-
-	mkdir("/sys/fs/cgroup", 0755);
-	if (access("/sys/fs/cgroup/cgroup.controllers", F_OK))
-		mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, NULL);
-	fd = open("/sys/fs/cgroup/cgroup.subtree_control", O_WRONLY);
-	if (fd >= 0) {
-		write(fd, "+memory", 7);
-		close(fd);
-	}
-	mkdir("/sys/fs/cgroup/czt-oom", 0755);
-	return open("/sys/fs/cgroup/czt-oom", O_RDONLY | O_DIRECTORY);
-}
-
 int main(void)
 {
 	struct czone_grow g = { .size = sizeof(g) };
@@ -106,7 +89,7 @@ int main(void)
 		  "counted: failures=%llu ooms=%llu chunks=%llu",
 		  st.alloc_failures, st.oom_kills, st.nr_chunks);
 
-	cgfd = cgroup_setup();
+	cgfd = czt_cgroup("/sys/fs/cgroup/czt-oom");
 	if (cgfd < 0) {
 		czt_result(0, "cgroup2 setup: %s", strerror(errno));
 	} else {

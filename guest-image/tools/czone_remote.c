@@ -20,7 +20,6 @@
  * CONFIG_SWAP, CONFIG_BLK_DEV_LOOP and a tmpfs at $CZT_TMP (default /tmp).
  */
 #include "czt.h"
-#include <sys/mount.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/swap.h>
@@ -491,22 +490,6 @@ static void set_vma_ra(int on)
 
 #define CGROUP "/sys/fs/cgroup/czt-swap"
 
-static int cgroup_setup(void)
-{
-	int fd;
-
-	mkdir("/sys/fs/cgroup", 0755);
-	if (access("/sys/fs/cgroup/cgroup.controllers", F_OK))
-		mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, NULL);
-	fd = open("/sys/fs/cgroup/cgroup.subtree_control", O_WRONLY);
-	if (fd >= 0) {
-		write(fd, "+memory", 7);
-		close(fd);
-	}
-	mkdir(CGROUP, 0755);
-	return open(CGROUP, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-}
-
 /*
  * Page @p out until no page of it is resident.  MADV_PAGEOUT starts the
  * writeback and leaves the folios in the swap cache, where a read would
@@ -581,7 +564,7 @@ static void test_swap(void)
 		{ 0, "swap-in with cluster readahead" },
 	};
 
-	int cgfd = cgroup_setup();
+	int cgfd = czt_cgroup(CGROUP);
 
 	if (cgfd < 0 || swap_on()) {
 		czt_result(0, "swap: cannot set up a memory cgroup and swap on a loop device: %s",

@@ -22,6 +22,7 @@
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -315,6 +316,26 @@ static inline pid_t czt_holder(uint64_t id, size_t bytes, int seed, int *go)
 	close(ready[0]);
 	*go = g[1];
 	return pid;
+}
+
+/*
+ * A cgroup2 group @path (under /sys/fs/cgroup, mounted if need be) with
+ * the memory controller; returns an fd for CLONE_INTO_CGROUP, or -1.
+ */
+static inline int czt_cgroup(const char *path)
+{
+	int fd;
+
+	mkdir("/sys/fs/cgroup", 0755);
+	if (access("/sys/fs/cgroup/cgroup.controllers", F_OK))
+		mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, NULL);
+	fd = open("/sys/fs/cgroup/cgroup.subtree_control", O_WRONLY);
+	if (fd >= 0) {
+		write(fd, "+memory", 7);
+		close(fd);
+	}
+	mkdir(path, 0755);
+	return open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 }
 
 /* The number after @key (e.g. "oom_kill ") in a "key value" file, or -1 */
