@@ -48,6 +48,24 @@ def pss_bytes(pid: int) -> int:
     raise CZoneError(f"no Pss line in /proc/{pid}/smaps_rollup")
 
 
+def peak_rss_bytes(pid: int) -> int:
+    """The process's RSS high-water mark (VmHWM) since start or reset_peak_rss()."""
+    for line in _read_proc(pid, "status").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise CZoneError(f"no VmHWM line in /proc/{pid}/status")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Reset VmHWM to the current RSS (proc(5), clear_refs value 5)."""
+    path = f"/proc/{pid}/clear_refs"
+    try:
+        with open(path, "w") as f:
+            f.write("5")
+    except OSError as e:
+        raise CZoneError(f"cannot write {path}: {e.strerror}") from None
+
+
 @dataclass(frozen=True)
 class Settled:
     value: int

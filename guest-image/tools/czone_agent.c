@@ -29,7 +29,7 @@
 #error "needs the CZone UAPI with CZONE_IOC_RECLAIM"
 #endif
 
-#define MAX_CTRS	16
+#define MAX_CTRS	64
 #define PAGE		4096UL
 
 struct ctr {

@@ -29,6 +29,18 @@ def test_rss_and_pss_count_the_bytes_touched() -> None:
     assert hostmem.rss_bytes(pid) - rss < 2 * MiB
 
 
+def test_peak_rss_holds_the_high_water_mark_until_reset() -> None:
+    pid = os.getpid()
+    hostmem.reset_peak_rss(pid)
+    base = hostmem.peak_rss_bytes(pid)
+    with touched(64 * MiB):
+        pass
+    assert hostmem.peak_rss_bytes(pid) - base >= 63 * MiB
+    assert hostmem.rss_bytes(pid) - base < 8 * MiB
+    hostmem.reset_peak_rss(pid)
+    assert hostmem.peak_rss_bytes(pid) - base < 8 * MiB
+
+
 def test_settle_waits_for_the_value_to_stop_moving() -> None:
     values = iter([0, 10 * MiB, 20 * MiB, 30 * MiB] + [30 * MiB] * 1000)
     got = hostmem.settle(lambda: next(values), quiet=0.05, interval=0.001)

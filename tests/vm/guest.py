@@ -9,7 +9,8 @@ from czone.qemu.machine import Machine
 # Headers of real kernel problems.  Not "Call Trace": expected OOM reports carry one.
 DMESG_BAD = re.compile(
     r"BUG:|WARNING:|Oops|kernel BUG|general protection|Bad page|bad_page|"
-    r"Huh VM_FAULT_OOM|soft lockup|rcu.*stall|blocked for more than|UBSAN|KASAN")
+    r"Huh VM_FAULT_OOM|soft lockup|rcu.*stall|blocked for more than|UBSAN|KASAN|"
+    r"pagealloc: memory corruption|pagealloc: single bit error")
 
 # A guest with ZONE_MOVABLE memory for CZone chunks to come from.
 CZONE_VM = {"memory_mib": 1536, "extra_append": "movablecore=1024M"}
