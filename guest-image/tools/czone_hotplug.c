@@ -30,17 +30,10 @@ static long block_size(void)
 static int set_state(long block, const char *state)
 {
 	char path[128];
-	int fd, ret = 0;
 
 	snprintf(path, sizeof(path), "/sys/devices/system/memory/memory%ld/state",
 		 block);
-	fd = open(path, O_WRONLY);
-	if (fd < 0)
-		return -errno;
-	if (write(fd, state, strlen(state)) < 0)
-		ret = -errno;
-	close(fd);
-	return ret;
+	return czt_write(path, state);
 }
 
 int main(void)

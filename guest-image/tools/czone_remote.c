@@ -22,10 +22,8 @@
 #include "czt.h"
 #include <sys/ptrace.h>
 #include <sys/socket.h>
-#include <sys/swap.h>
 #include <sys/uio.h>
 #include <linux/io_uring.h>
-#include <linux/loop.h>
 #include <linux/userfaultfd.h>
 
 #define MB		(1UL << 20)
@@ -427,56 +425,7 @@ static void test_pinned_fork(void)
 
 /* ---- 4. swapped-out pages come back into their CZone ---- */
 
-static char loopdev[32];
-static char swapfile[256];
-
-static int swap_on(void)
-{
-	const char *tmp = getenv("CZT_TMP") ? getenv("CZT_TMP") : "/tmp";
-	static char page[PG];
-	int ctl, nr, fd, loop;
-	uint32_t *hdr = (uint32_t *)(page + 1024);
-
-	snprintf(swapfile, sizeof(swapfile), "%s/czt-swap", tmp);
-	fd = open(swapfile, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-	if (fd < 0)
-		return -1;
-	/* a swap header: version 1, last page, no bad pages, the magic */
-	hdr[0] = 1;
-	hdr[1] = SWAP_BYTES / PG - 1;
-	memcpy(page + PG - 10, "SWAPSPACE2", 10);
-	if (pwrite(fd, page, PG, 0) != PG)
-		return -1;
-	memset(page, 0, PG);
-	for (size_t off = PG; off < SWAP_BYTES; off += PG)
-		if (pwrite(fd, page, PG, off) != PG)
-			return -1;
-	ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
-	nr = ctl < 0 ? -1 : ioctl(ctl, LOOP_CTL_GET_FREE);
-	if (nr < 0)
-		return -1;
-	close(ctl);
-	snprintf(loopdev, sizeof(loopdev), "/dev/loop%d", nr);
-	loop = open(loopdev, O_RDWR | O_CLOEXEC);
-	if (loop < 0 || ioctl(loop, LOOP_SET_FD, fd))
-		return -1;
-	close(loop);
-	close(fd);
-	return swapon(loopdev, 0);
-}
-
-static void swap_off(void)
-{
-	int loop;
-
-	swapoff(loopdev);
-	loop = open(loopdev, O_RDWR | O_CLOEXEC);
-	if (loop >= 0) {
-		ioctl(loop, LOOP_CLR_FD, 0);
-		close(loop);
-	}
-	unlink(swapfile);
-}
+static struct czt_swap swap;
 
 static void set_vma_ra(int on)
 {
@@ -566,10 +515,10 @@ static void test_swap(void)
 
 	int cgfd = czt_cgroup(CGROUP);
 
-	if (cgfd < 0 || swap_on()) {
+	if (cgfd < 0 || czt_swap_on(&swap, SWAP_BYTES)) {
 		czt_result(0, "swap: cannot set up a memory cgroup and swap on a loop device: %s",
 			   strerror(errno));
-		swap_off();
+		czt_swap_off(&swap);
 		return;
 	}
 	for (int m = 0; m < 2; m++) {
@@ -598,7 +547,7 @@ static void test_swap(void)
 		CZT_CHECK(!czt_destroy(a, NULL), "%s: destroy", modes[m].mode);
 	}
 	set_vma_ra(1);
-	swap_off();
+	czt_swap_off(&swap);
 	close(cgfd);
 	rmdir(CGROUP);
 }

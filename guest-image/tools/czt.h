@@ -24,10 +24,12 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/swap.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <linux/czone.h>
+#include <linux/loop.h>
 
 #ifndef CLONE_INTO_CZONE
 #define CLONE_INTO_CZONE 0x400000000ULL
@@ -338,6 +340,19 @@ static inline int czt_cgroup(const char *path)
 	return open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 }
 
+/* Write @s to the file @path: 0, or -errno */
+static inline int czt_write(const char *path, const char *s)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC), ret = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (write(fd, s, strlen(s)) < 0)
+		ret = -errno;
+	close(fd);
+	return ret;
+}
+
 /* The number after @key (e.g. "oom_kill ") in a "key value" file, or -1 */
 static inline long czt_file_value(const char *path, const char *key)
 {
@@ -353,6 +368,61 @@ static inline long czt_file_value(const char *path, const char *key)
 			break;
 	fclose(f);
 	return v;
+}
+
+/* Swap on a loop device over a file in $CZT_TMP (default /tmp), a tmpfs */
+struct czt_swap {
+	char loopdev[32];
+	char file[256];
+};
+
+static inline int czt_swap_on(struct czt_swap *s, size_t bytes)
+{
+	const char *tmp = getenv("CZT_TMP") ? getenv("CZT_TMP") : "/tmp";
+	static char page[4096];
+	uint32_t *hdr = (uint32_t *)(page + 1024);
+	int ctl, nr, fd, loop;
+
+	snprintf(s->file, sizeof(s->file), "%s/czt-swap", tmp);
+	fd = open(s->file, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -1;
+	/* a swap header: version 1, last page, no bad pages, the magic */
+	memset(page, 0, sizeof(page));
+	hdr[0] = 1;
+	hdr[1] = bytes / sizeof(page) - 1;
+	memcpy(page + sizeof(page) - 10, "SWAPSPACE2", 10);
+	if (pwrite(fd, page, sizeof(page), 0) != sizeof(page))
+		return -1;
+	memset(page, 0, sizeof(page));
+	for (size_t off = sizeof(page); off < bytes; off += sizeof(page))
+		if (pwrite(fd, page, sizeof(page), off) != sizeof(page))
+			return -1;
+	ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+	nr = ctl < 0 ? -1 : ioctl(ctl, LOOP_CTL_GET_FREE);
+	if (nr < 0)
+		return -1;
+	close(ctl);
+	snprintf(s->loopdev, sizeof(s->loopdev), "/dev/loop%d", nr);
+	loop = open(s->loopdev, O_RDWR | O_CLOEXEC);
+	if (loop < 0 || ioctl(loop, LOOP_SET_FD, fd))
+		return -1;
+	close(loop);
+	close(fd);
+	return swapon(s->loopdev, 0);
+}
+
+static inline void czt_swap_off(const struct czt_swap *s)
+{
+	int loop;
+
+	swapoff(s->loopdev);
+	loop = open(s->loopdev, O_RDWR | O_CLOEXEC);
+	if (loop >= 0) {
+		ioctl(loop, LOOP_CLR_FD, 0);
+		close(loop);
+	}
+	unlink(s->file);
 }
 
 #endif /* CZT_H */

@@ -20,10 +20,17 @@ def czone_vm(microvm_factory):
 
 
 @pytest.mark.parametrize("program", ["czone_place", "czone_errors", "czone_oom",
-                                     "czone_hotplug", "czone_remote"])
+                                     "czone_hotplug", "czone_remote", "czone_thp"])
 def test_in_guest_program(czone_vm, program: str) -> None:
     print(run_program(czone_vm, program))
     assert_dmesg_clean(czone_vm)
+    if program == "czone_oom":
+        with czone_vm.ssh() as ssh:
+            dmesg = ssh.check("dmesg").stdout
+        # The CZone's OOM killer chose every victim, not a memcg's or the allocator.
+        assert "constraint=CONSTRAINT_CZONE" in dmesg, dmesg[-4000:]
+        assert "Memory cgroup out of memory" not in dmesg
+        assert "global_oom" not in dmesg
 
 
 def test_destroy(czone_vm, record_property) -> None:
