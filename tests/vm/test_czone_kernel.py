@@ -20,7 +20,8 @@ def czone_vm(microvm_factory):
 
 
 @pytest.mark.parametrize("program", ["czone_place", "czone_errors", "czone_oom",
-                                     "czone_hotplug", "czone_remote", "czone_thp"])
+                                     "czone_hotplug", "czone_remote", "czone_thp",
+                                     "czone_dying"])
 def test_in_guest_program(czone_vm, program: str) -> None:
     print(run_program(czone_vm, program))
     assert_dmesg_clean(czone_vm)

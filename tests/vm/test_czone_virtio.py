@@ -17,7 +17,7 @@ from czone.qemu import qmp
 from czone.qemu.cmdline import DEVICE_MEMFD, stats_log_path
 from czone.qemu.machine import Machine
 
-from .guest import assert_dmesg_clean
+from .guest import assert_dmesg_clean, run_program
 
 pytestmark = pytest.mark.vm
 MiB = hostmem.MiB
@@ -285,6 +285,14 @@ def test_churn_leaves_rss_and_memtotal_flat(czvm: Machine, agent: GuestAgent) ->
     assert int(st["plugs"]) >= 50 and st["plugs"] == st["unplugs"]
     assert int(st["plugged_bytes"]) == 0 and int(st["failures"]) == 0
     assert_dmesg_clean(czvm)
+
+
+def test_reclaim_races_faults_frees_and_destroys_on_4_vcpus(microvm_factory) -> None:
+    vm = microvm_factory.boot("czrace", cpus=4, **CZONE_VIRTIO_VM)
+    print(run_program(vm, "czone_race 20", timeout=600))
+    # Every CZone is gone: the device holds nothing plugged.
+    assert qmp.wait_size(vm, DEV, 0, timeout=60) == 0
+    assert_dmesg_clean(vm)
 
 
 def test_kcore_reader_in_a_growing_czone_beside_destroys(czvm: Machine,
