@@ -6,7 +6,8 @@ PY    := $(VENV)/bin/python
 CZONECTL := $(VENV)/bin/czonectl
 PYTEST_ARGS ?=
 DEBUG_TESTS ?= tests/vm/test_czone_kernel.py tests/vm/test_czone_virtio.py \
-	tests/vm/test_czone_hostile_host.py tests/vm/test_upstream_selftests.py
+	tests/vm/test_czone_meminit.py tests/vm/test_czone_hostile_host.py \
+	tests/vm/test_upstream_selftests.py
 
 .PHONY: all deps kernel kernel-stock kernel-debug qemu image demo test test-unit test-vm \
 	test-debug bench lint \

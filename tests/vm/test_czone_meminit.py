@@ -16,7 +16,7 @@ from czone.guest.agent import GuestAgent
 from czone.qemu.machine import Machine
 
 from .guest import assert_dmesg_clean
-from .test_czone_virtio import CZONE_VIRTIO_VM, rss
+from .test_czone_virtio import CZONE_VIRTIO_VM, memory_judged, rss
 
 pytestmark = pytest.mark.vm
 MiB = hostmem.MiB
@@ -41,16 +41,19 @@ def meminit_vm(request, microvm_factory) -> Machine:
 
 def test_memory_init_options_keep_the_host_view_true(meminit_vm: Machine) -> None:
     vm = meminit_vm
+    debug, judged = memory_judged(vm)
+    # KASAN writes the shadow of the pages a destroy readies, in boot memory.
+    peak_slack = 8 * MiB + (16 * MiB if debug else 0)
     ssh = vm.ssh()
     with GuestAgent(ssh) as agent:
         # A chunk that is only plugged costs the host nothing: 48 CZones
         # use 1 MiB of a 2 MiB chunk each.
-        base = rss(vm)
+        base = judged()
         czones = [agent.create(4) for _ in range(SMALL)]
         for i, cz in enumerate(czones):
             agent.spawn(f"s{i}", cz, 4, thp=False)
             agent.touch(f"s{i}", 1)
-        grown = rss(vm) - base
+        grown = judged() - base
         backed = sum(agent.stat(cz)["backed"] for cz in czones) * 4096
         assert grown <= SMALL * MiB + SMALL * MiB // 2, \
             f"{SMALL} MiB used in {2 * SMALL} MiB of chunks grew RSS by {grown / MiB:.0f} MiB"
@@ -66,10 +69,10 @@ def test_memory_init_options_keep_the_host_view_true(meminit_vm: Machine) -> Non
         agent.spawn("big", cz, 256, thp=False)
         agent.touch("big", 128)
         assert agent.punch("big", 64) == 64 * 1024
-        touched = rss(vm)
+        touched = judged()
         res = agent.reclaim(cz)
         assert res["failed"] == 0 and res["discarded"] * 4096 >= 62 * MiB, res
-        dropped = touched - rss(vm)
+        dropped = touched - judged()
         assert dropped >= 56 * MiB, f"RSS fell by {dropped / MiB:.0f} MiB"
         st = agent.stat(cz)
         assert st["backed"] == st["used"], st
@@ -85,9 +88,9 @@ def test_memory_init_options_keep_the_host_view_true(meminit_vm: Machine) -> Non
         agent.kill("again")
         assert agent.destroy(cz)["failed"] == 0
         peak = hostmem.peak_rss_bytes(vm.pid) - before
-        assert peak <= 8 * MiB, \
+        assert peak <= peak_slack, \
             f"the destroy backed {peak / MiB:.0f} MiB of discarded memory before it unplugged"
-        kept = rss(vm) - base
+        kept = judged() - base
         assert kept <= 8 * MiB, f"{kept / MiB:.0f} MiB stayed after every CZone was destroyed"
     ssh.close()
     assert_dmesg_clean(vm)
