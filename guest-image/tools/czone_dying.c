@@ -18,19 +18,6 @@
 #define MADV_HWPOISON 100
 #endif
 
-/* Milliseconds until CZone @id is gone (STAT says ENOENT), or -1 */
-static long gone_after(uint64_t id, long max_ms)
-{
-	struct czone_stat st;
-
-	for (long ms = 0; ms <= max_ms; ms += 50) {
-		if (czt_stat(id, &st) == -ENOENT)
-			return ms;
-		usleep(50000);
-	}
-	return -1;
-}
-
 static void test_pipe(void)
 {
 	struct czone_destroy d = { 0 };
@@ -82,7 +69,7 @@ static void test_pipe(void)
 	for (size_t off = 0; off < got; off += PG)
 		ret |= buf[off] != (char)(5 + off / PG);
 	CZT_CHECK(got == sizeof(buf) && !ret, "the pipe gave back the data intact");
-	CZT_CHECK(gone_after(id, 10000) >= 0,
+	CZT_CHECK(czt_gone_after(id, 10000) >= 0,
 		  "with the pipe drained the CZone finished by itself within 10 s");
 }
 
@@ -116,7 +103,7 @@ static void test_hwpoison(void)
 	CZT_CHECK(ret == 0 && d.failed_pages == 0,
 		  "destroy: %d, failed=%llu: the poisoned page's chunk is quarantined",
 		  ret, d.failed_pages);
-	CZT_CHECK(gone_after(id, 0) == 0, "the CZone is gone at once");
+	CZT_CHECK(czt_gone_after(id, 0) == 0, "the CZone is gone at once");
 }
 
 int main(void)

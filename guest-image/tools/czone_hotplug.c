@@ -89,9 +89,16 @@ int main(void)
 	CZT_CHECK(ret == 0, "child's pages stayed put (status %d)", ret);
 
 	ret = czt_destroy(id, &d);
-	CZT_CHECK(ret == 0 && d.migrated_pages == 0 && d.failed_pages == 0,
-		  "destroy: %d migrated=%llu chunks=%llu", ret, d.migrated_pages,
-		  d.released_chunks);
+	CZT_CHECK(ret == 0 && d.migrated_pages == 0,
+		  "destroy: %d migrated=%llu failed=%llu chunks=%llu", ret,
+		  d.migrated_pages, d.failed_pages, d.released_chunks);
+	/*
+	 * khugepaged may hold a THP it took from the CZone for the child's
+	 * mm for a moment after the child exits: the CZone then finishes by
+	 * itself once it is freed.
+	 */
+	CZT_CHECK(!d.failed_pages || czt_gone_after(id, 10000) >= 0,
+		  "the CZone is gone (at once, or once its last pages were freed)");
 	ret = set_state(block, "offline");
 	printf("INFO: offline memory%ld after destroy: %d\n", block, ret);
 	if (ret == 0)

@@ -174,6 +174,19 @@ static inline int czt_stat(uint64_t id, struct czone_stat *st)
 	return 0;
 }
 
+/* Milliseconds until CZone @id is gone (STAT says ENOENT), or -1 */
+static inline long czt_gone_after(uint64_t id, long max_ms)
+{
+	struct czone_stat st;
+
+	for (long ms = 0; ms <= max_ms; ms += 50) {
+		if (czt_stat(id, &st) == -ENOENT)
+			return ms;
+		usleep(50000);
+	}
+	return -1;
+}
+
 /* Wait for @pid; returns its exit code, or 128 + signal */
 static inline int czt_wait(pid_t pid)
 {
