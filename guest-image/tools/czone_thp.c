@@ -118,9 +118,13 @@ static int collapse_child(uint64_t id)
 static int full_child(void)
 {
 	char *p = small_pages(HP, 0);
+	char *more = mmap(NULL, MB, PROT_READ | PROT_WRITE,
+			  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
-	if (!p)
+	if (!p || more == MAP_FAILED)
 		return 10;
+	/* 3 MiB of small pages leave neither chunk of the 4 MiB cap empty */
+	czt_touch(more, MB, 4);
 	if (!madvise(p, HP, MADV_COLLAPSE))
 		return 16;
 	return errno == ENOMEM ? 0 : 100 + errno;
@@ -199,7 +203,7 @@ int main(void)
 	ret = destroy(id);
 	CZT_CHECK(ret == 1, "destroy: %d attempt(s)", ret);
 
-	/* 2 MiB of small pages and a stack fill both chunks of a 4 MiB cap */
+	/* a CZone with no empty chunk and no room to grow */
 	if (czt_create(4 * MB, &id)) {
 		czt_result(0, "create");
 		return czt_exit();
