@@ -34,13 +34,9 @@ static void test_pipe(void)
 	}
 	pid = czt_clone_into(id);
 	if (pid == 0) {
-		char *m = mmap(NULL, NPAGES * PG, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		char *m = czt_map_touched(NPAGES * PG, 5);
 		struct iovec iov = { m, NPAGES * PG };
 
-		if (m == MAP_FAILED)
-			_exit(2);
-		czt_touch(m, NPAGES * PG, 5);
 		/* the pipe takes references on the pages themselves */
 		_exit(vmsplice(p[1], &iov, 1, 0) == NPAGES * PG ? 0 : 3);
 	}
@@ -86,12 +82,8 @@ static void test_hwpoison(void)
 	}
 	pid = czt_clone_into(id);
 	if (pid == 0) {
-		char *m = mmap(NULL, NPAGES * PG, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		char *m = czt_map_touched(NPAGES * PG, 9);
 
-		if (m == MAP_FAILED)
-			_exit(2);
-		czt_touch(m, NPAGES * PG, 9);
 		_exit(madvise(m + 3 * PG, PG, MADV_HWPOISON) ? 100 + errno : 0);
 	}
 	/* the injection acts as a machine check on the task: SIGBUS */

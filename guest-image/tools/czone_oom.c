@@ -104,12 +104,7 @@ static pid_t sleeper(uint64_t id, int cgfd, size_t mb, int adj, int *go)
 	}
 	pid = czt_clone3(&a, sizeof(a));
 	if (pid == 0) {
-		char *p = mmap(NULL, mb * MB, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-		if (p == MAP_FAILED)
-			_exit(2);
-		czt_touch(p, mb * MB, 7);
+		czt_map_touched(mb * MB, 7);
 		write(ready[1], "r", 1);
 		read(g[0], &c, 1);
 		_exit(0);

@@ -100,12 +100,7 @@ static long churner(time_t end)
 			return -1;
 		pid = czt_clone_into(id);
 		if (pid == 0) {
-			char *m = mmap(NULL, 4 << 20, PROT_READ | PROT_WRITE,
-				       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-			if (m == MAP_FAILED)
-				_exit(2);
-			czt_touch(m, 4 << 20, 1);
+			czt_map_touched(4 << 20, 1);
 			_exit(0);
 		}
 		if (czt_wait(pid) || czt_destroy(id, &d) || d.failed_pages)

@@ -176,11 +176,26 @@ static int destroy(uint64_t id)
 	return -1;
 }
 
-int main(void)
+/*
+ * Case @what in a new CZone of @cap bytes, destroyed afterwards: its
+ * status, or -1; *@attempts is what destroy() returned
+ */
+static int in_new_czone(uint64_t cap, int what, int *attempts)
 {
-	struct czone_stat st = { 0 };
 	uint64_t id;
 	int ret;
+
+	*attempts = -1;
+	if (czt_create(cap, &id))
+		return -1;
+	ret = run(id, what);
+	*attempts = destroy(id);
+	return ret;
+}
+
+int main(void)
+{
+	int ret, attempts;
 
 	/* no THP at fault and no khugepaged until the khugepaged case */
 	if (czt_write(THP "enabled", "never") ||
@@ -191,41 +206,23 @@ int main(void)
 		return czt_exit();
 	}
 
-	if (czt_create(16 * MB, &id)) {
-		czt_result(0, "create");
-		return czt_exit();
-	}
-	ret = run(id, 0);
-	czt_stat(id, &st);
-	CZT_CHECK(ret == 0,
-		  "MADV_COLLAPSE: 4 MiB of small pages become two THPs in the CZone's chunks (status %d, chunks=%llu)",
-		  ret, st.nr_chunks);
-	ret = destroy(id);
-	CZT_CHECK(ret == 1, "destroy: %d attempt(s)", ret);
-
+	ret = in_new_czone(16 * MB, 0, &attempts);
+	CZT_CHECK(ret == 0 && attempts == 1,
+		  "MADV_COLLAPSE: 4 MiB of small pages become two THPs in the CZone's chunks (status %d, destroy attempts %d)",
+		  ret, attempts);
 	/* a CZone with no empty chunk and no room to grow */
-	if (czt_create(4 * MB, &id)) {
-		czt_result(0, "create");
-		return czt_exit();
-	}
-	ret = run(id, 1);
-	CZT_CHECK(ret == 0, "MADV_COLLAPSE in a full CZone fails with ENOMEM (status %d)",
-		  ret);
-	ret = destroy(id);
-	CZT_CHECK(ret == 1, "destroy: %d attempt(s)", ret);
+	ret = in_new_czone(4 * MB, 1, &attempts);
+	CZT_CHECK(ret == 0 && attempts == 1,
+		  "MADV_COLLAPSE in a full CZone fails with ENOMEM (status %d, destroy attempts %d)",
+		  ret, attempts);
 
 	if (czt_write(THP "enabled", "madvise")) {
 		czt_result(0, "THP enabled=madvise: %s", strerror(errno));
 		return czt_exit();
 	}
-	if (czt_create(16 * MB, &id)) {
-		czt_result(0, "create");
-		return czt_exit();
-	}
-	ret = run(id, 2);
-	CZT_CHECK(ret == 0, "khugepaged: 2 MiB of small pages become a THP in the CZone's chunks (status %d)",
-		  ret);
-	ret = destroy(id);
-	CZT_CHECK(ret >= 1, "destroy: %d attempt(s)", ret);
+	ret = in_new_czone(16 * MB, 2, &attempts);
+	CZT_CHECK(ret == 0 && attempts >= 1,
+		  "khugepaged: 2 MiB of small pages become a THP in the CZone's chunks (status %d, destroy attempts %d)",
+		  ret, attempts);
 	return czt_exit();
 }

@@ -299,6 +299,18 @@ static inline void czt_touch(char *p, size_t len, int seed)
 		p[i] = (char)(seed + i / 4096);
 }
 
+/* In a child: @len of anonymous memory, touched with @seed; exits 2 if none */
+static inline char *czt_map_touched(size_t len, int seed)
+{
+	char *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p == MAP_FAILED)
+		_exit(2);
+	czt_touch(p, len, seed);
+	return p;
+}
+
 /*
  * Clone a task into CZone @id that touches @bytes of anonymous memory and
  * then waits until a byte is written to *@go.  Returns once the memory is
@@ -314,12 +326,7 @@ static inline pid_t czt_holder(uint64_t id, size_t bytes, int seed, int *go)
 		return -1;
 	pid = czt_clone_into(id);
 	if (pid == 0) {
-		char *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-
-		if (p == MAP_FAILED)
-			_exit(2);
-		czt_touch(p, bytes, seed);
+		czt_map_touched(bytes, seed);
 		write(ready[1], "r", 1);
 		read(g[0], &c, 1);
 		_exit(0);
