@@ -18,10 +18,11 @@ import pytest
 
 from czone import accel as accel_mod
 from czone import artifacts as art
+from czone.guest.ssh import SSHClient
 from czone.net import free_port
 from czone.qemu.cmdline import Accel, VmSpec, build_argv, qemu_log_path, serial_log_path
 from czone.qemu.machine import Machine
-from czone.state import run_root
+from czone.state import StateDB, run_root
 from czone.vmboot import boot_machine
 from czone.vmspec import spec_for
 
@@ -118,11 +119,42 @@ def microvm_factory(request: pytest.FixtureRequest,
     try:
         yield factory
     finally:
-        failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
-                     for w in ("setup", "call"))
-        if failed:
+        if node_failed(request):
             factory.save_logs(REPO / "test-artifacts" / request.node.name)
         factory.kill_all()
+
+
+def node_failed(request: pytest.FixtureRequest) -> bool:
+    return any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
+               for w in ("setup", "call"))
+
+
+# pid, state, wait channel, argv of every guest task (the image's ps is busybox's)
+PS = ("for p in /proc/[0-9]*; do echo \"${p#/proc/} $(cut -d' ' -f3 $p/stat) "
+      "$(cat $p/wchan) $(tr '\\0' ' ' < $p/cmdline)\"; done 2>/dev/null")
+
+
+def save_state_evidence(db: StateDB, dest: Path) -> None:
+    """The evidence of a service-layer test that failed: every VM's run
+    directory (argv, serial and QEMU logs, libvirt XML) and, from the guests
+    still up, dmesg and the process list."""
+    for d in (db.root / "vms").glob("*"):
+        shutil.copytree(d, dest / d.name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.sock"))
+    for rec in db.list():
+        if rec.ssh_port is None or rec.ssh_key is None:
+            continue
+        out = dest / rec.name
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key)) as ssh:
+                ssh.connect(timeout=5)
+                ssh.run("echo w > /proc/sysrq-trigger", timeout=15)  # blocked tasks' stacks
+                for name, cmd in (("dmesg.txt", "dmesg"),
+                                  ("ps.txt", PS)):
+                    (out / name).write_text(ssh.run(cmd, timeout=15).stdout)
+        except Exception as e:  # best effort: the test has already failed
+            (out / "dmesg.txt").write_text(f"guest unreachable: {e}\n")
 
 
 @pytest.fixture
@@ -170,9 +202,8 @@ def libvirtd_factory(request: pytest.FixtureRequest) -> Iterator[LibvirtdFactory
         yield factory
     finally:
         # A daemon that failed to start fails the test's setup: its logs are kept.
-        failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
-                     for w in ("setup", "call"))
-        factory.stop_all(REPO / "test-artifacts" / request.node.name if failed else None)
+        factory.stop_all(REPO / "test-artifacts" / request.node.name
+                         if node_failed(request) else None)
 
 
 @pytest.fixture

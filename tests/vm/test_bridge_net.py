@@ -25,7 +25,7 @@ from czone.netplan import BRIDGE
 from czone.qemu.machine import own_qemu_processes
 from czone.service import Service
 from czone.state import StateDB, status
-from tests.vm.conftest import REPO
+from tests.vm.conftest import REPO, node_failed, save_state_evidence
 from tests.vm.test_vm_cli import CZONECTL
 
 pytestmark = [pytest.mark.vm,
@@ -49,11 +49,8 @@ def run_root(request: pytest.FixtureRequest) -> Iterator[Path]:
     and its logs are kept in test-artifacts/ when the test failed."""
     root = Path(tempfile.mkdtemp(prefix="czone-br-"))
     yield root
-    failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
-                 for w in ("setup", "call"))
-    if failed and (root / "vms").exists():
-        shutil.copytree(root / "vms", REPO / "test-artifacts" / request.node.name,
-                        dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
+    if node_failed(request):
+        save_state_evidence(StateDB(root), REPO / "test-artifacts" / request.node.name)
     for p in own_qemu_processes(root):
         p.kill()
     shutil.rmtree(root, ignore_errors=True)

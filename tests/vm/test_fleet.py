@@ -15,13 +15,13 @@ import libvirt
 import pytest
 
 from czone.net import free_port
+from tests.vm.conftest import REPO, node_failed
 from tests.vm.sshd import PrivateSshd
 from tests.vm.test_libvirt import czonectl
 
 pytestmark = pytest.mark.vm
 
 NOWHERE = "qemu+tcp://127.0.0.1:1/system"
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -34,8 +34,7 @@ def sshd(request: pytest.FixtureRequest) -> Iterator[PrivateSshd]:
     try:
         yield daemon
     finally:
-        if any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
-               for w in ("setup", "call")):
+        if node_failed(request):
             daemon.save_logs(REPO / "test-artifacts" / request.node.name / "sshd")
         daemon.stop()
         # libvirt's ssh (no_verify=1) recorded the throwaway host key

@@ -29,7 +29,7 @@ from czone import hostmem, libvirt_backend
 from czone.libvirt_xml import CZONE_NS
 from czone.service import Service, ServiceError
 from czone.state import StateDB
-from tests.vm.conftest import REPO
+from tests.vm.conftest import REPO, node_failed, save_state_evidence
 from tests.vm.test_migrate import (
     EXPECTED,
     FN,
@@ -64,12 +64,8 @@ def svc(request: pytest.FixtureRequest, artifacts, host_a,
         yield service
     finally:
         service.close()
-        if any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False)
-               for w in ("setup", "call")):
-            dest = REPO / "test-artifacts" / request.node.name / "vms"
-            for d in (root / "vms").glob("*"):
-                shutil.copytree(d, dest / d.name, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("*.sock"))
+        if node_failed(request):
+            save_state_evidence(service.db, REPO / "test-artifacts" / request.node.name / "vms")
         for vm in service.db.list():
             try:
                 service.vm_down(vm.name, timeout=5)

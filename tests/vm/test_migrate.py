@@ -31,7 +31,7 @@ from czone.qemu import qmp
 from czone.qemu.machine import own_qemu_processes
 from czone.service import DEVICE, MCPV_DEVICE_MIB, VM_BOOT_MIB, RunResult, Service, ServiceError
 from czone.state import StateDB
-from tests.vm.conftest import REPO
+from tests.vm.conftest import REPO, node_failed, save_state_evidence
 from tests.vm.test_vm_cli import CZONECTL, czonectl
 
 pytestmark = pytest.mark.vm
@@ -77,7 +77,8 @@ print(json.dumps({"files": len(sums), "bad": bad}))
 
 
 @pytest.fixture
-def svc(artifacts, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+def svc(request: pytest.FixtureRequest, artifacts,
+        monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
     monkeypatch.setenv("CZONE_ACCEL", artifacts.accel)
     # A short root: the QMP socket paths must fit AF_UNIX's 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="czm-"))
@@ -86,6 +87,8 @@ def svc(artifacts, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
         yield service
     finally:
         service.close()
+        if node_failed(request):
+            save_state_evidence(service.db, REPO / "test-artifacts" / request.node.name)
         for vm in service.db.list():
             try:
                 service.vm_down(vm.name, timeout=5)
