@@ -295,6 +295,18 @@ def test_reclaim_races_faults_frees_and_destroys_on_4_vcpus(microvm_factory) -> 
     assert_dmesg_clean(vm)
 
 
+def test_a_fault_storm_against_an_empty_source_fails_cleanly(microvm_factory) -> None:
+    """Four vCPUs fault into CZones that ask for far more than the device
+    holds: once it is empty every task ends, OOM-killed by its own CZone,
+    within a bound, and every chunk goes back."""
+    vm = microvm_factory.boot("czstorm", cpus=4, **{**CZONE_VIRTIO_VM,
+                                                    "device_memory_mib": 256,
+                                                    "requested_mib": 256})
+    print(run_program(vm, "czone_storm 120", timeout=300))
+    assert qmp.wait_size(vm, DEV, 0, timeout=60) == 0
+    assert_dmesg_clean(vm)
+
+
 def test_kcore_reader_in_a_growing_czone_beside_destroys(czvm: Machine,
                                                          agent: GuestAgent) -> None:
     """A /proc/kcore read holds page_offline_freeze() across copies to the

@@ -31,7 +31,7 @@ from czone.qemu import qmp
 from czone.qemu.machine import own_qemu_processes
 from czone.service import DEVICE, MCPV_DEVICE_MIB, VM_BOOT_MIB, RunResult, Service, ServiceError
 from czone.state import StateDB
-from tests.vm.conftest import REPO, node_failed, save_state_evidence
+from tests.vm.conftest import PS, REPO, node_failed, save_state_evidence
 from tests.vm.test_vm_cli import CZONECTL, czonectl
 
 pytestmark = pytest.mark.vm
@@ -396,7 +396,11 @@ def test_the_guest_writes_frees_and_reclaims_during_the_migration(svc: Service) 
     pid = min({c["id"]: c for c in svc.ask(vm, lambda a: a.list())}[churn.id]["pids"])
     with SSHClient("127.0.0.1", rec.ssh_port, Path(rec.ssh_key)) as ssh:
         while ssh.run(f"test -e /proc/{pid}/root/sums.json").rc:
-            assert time.monotonic() < deadline, "the churn never finished"
+            if time.monotonic() > deadline:
+                # CI shows only the failure: the guest's side goes into it
+                tasks = ssh.run(PS, timeout=15).stdout
+                kernel = ssh.run("dmesg | tail -40", timeout=15).stdout
+                pytest.fail(f"the churn never finished\n{tasks}\n{kernel}")
             time.sleep(1)
     assert verify_data(svc, vm, churn.id) == 16
     assert verify_data(svc, vm, quiet.id) == 8
