@@ -10,7 +10,7 @@ DEBUG_TESTS ?= tests/vm/test_czone_kernel.py tests/vm/test_czone_virtio.py \
 	tests/vm/test_upstream_selftests.py
 
 .PHONY: all deps kernel kernel-stock kernel-debug qemu image demo test test-unit test-vm \
-	test-debug bench lint \
+	test-debug test-meminit bench lint \
 	kernel-tree kernel-export qemu-export
 
 all: kernel qemu image
@@ -49,6 +49,17 @@ test-vm: all kernel-stock
 # The kernel and device VM tests on the debug kernel; every one checks dmesg.
 test-debug: all kernel-debug
 	CZONE_KERNEL_FLAVOUR=debug $(VENV)/bin/pytest -ra $(DEBUG_TESTS) $(PYTEST_ARGS)
+
+# The kernel and device VM tests once per memory-init option (issue 9),
+# every VM booted with it; outside `make test` and CI's time.
+MEMINIT_OPTIONS ?= init_on_free=1 init_on_alloc=1 page_poison=1
+MEMINIT_TESTS ?= tests/vm/test_czone_kernel.py tests/vm/test_czone_virtio.py \
+	tests/vm/test_czone_hostile_host.py
+test-meminit: all
+	rc=0; for opt in $(MEMINIT_OPTIONS); do \
+		echo "== $$opt"; \
+		CZONE_TEST_APPEND=$$opt $(VENV)/bin/pytest -ra $(MEMINIT_TESTS) $(PYTEST_ARGS) || rc=1; \
+	done; exit $$rc
 
 bench: all kernel-stock
 	$(PY) -m czone.bench $(if $(QUICK),--quick) $(BENCH)

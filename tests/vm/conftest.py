@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = float(os.environ.get("CZONE_TEST_BOOT_TIMEOUT", "60"))
+TEST_APPEND = os.environ.get("CZONE_TEST_APPEND", "").strip()
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class MicrovmFactory:
         # Short run dirs under /tmp: the QMP socket path must fit AF_UNIX's 108 bytes.
         run_dir = Path(tempfile.mkdtemp(prefix=f"czone-{name}-"))
         a = self.artifacts
+        # `make test-meminit`: every VM of the run boots with these options too
+        if TEST_APPEND:
+            extra["extra_append"] = f"{extra.get('extra_append', '')} {TEST_APPEND}".strip()
         spec = spec_for(name, run_dir, a.kernel, a.image, a.qemu, a.accel,
                         free_port() if ssh else None, memory_mib, cpus, **extra)
         self.specs.append(spec)
