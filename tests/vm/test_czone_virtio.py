@@ -420,13 +420,15 @@ def test_requested_size_shrink_takes_free_chunks_first(czvm: Machine,
     assert before - rss(czvm) >= 28 * MiB
     assert agent.verify("busy") == 32 * 256
 
-    # What CZones use cannot go: the driver keeps it and says how much.
+    # What CZones use cannot go: the driver keeps it and says how much.  An
+    # empty reserve chunk (kernel 0049) the first shrink did not need goes now.
     qmp.set_requested_size(czvm, DEV, 0)
     with czvm.ssh() as ssh:
         ssh.check("for i in $(seq 100); do grep -q '^shortfall_bytes [1-9]' "
                   "/sys/kernel/debug/virtio_czone/*/state && exit 0; sleep 0.1; done; exit 1")
-    assert int(state(czvm)["shortfall_bytes"]) == size
-    assert qmp.device_size(czvm, DEV) == size
+    left = hostmem.settle(lambda: qmp.device_size(czvm, DEV), tolerance=0).value
+    held = (agent.stat(busy)["chunks"] + agent.stat(idle)["chunks"]) * 2 * MiB
+    assert int(state(czvm)["shortfall_bytes"]) == left == held <= size
 
     # Nothing more is plugged: a container that needs memory is OOM-killed.
     greedy = agent.create(64)
@@ -524,7 +526,7 @@ def test_region_goes_movable_whatever_the_online_policy(microvm_factory) -> None
     vm = microvm_factory.boot("czonline", **CZONE_VIRTIO_VM,
                               extra_append="memhp_default_state=online")
     with vm.ssh() as ssh:
-        assert ssh.check("cat /proc/cmdline").stdout.split()[-1] == "memhp_default_state=online"
+        assert "memhp_default_state=online" in ssh.check("cat /proc/cmdline").stdout.split()
         dmesg = ssh.check("dmesg").stdout
         line, = (x for x in ssh.check("cat /proc/iomem").stdout.splitlines()
                  if x.endswith(": System RAM (virtio_czone)"))
