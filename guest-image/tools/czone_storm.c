@@ -24,7 +24,7 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* Fault pages in until killed; exits 2 only if it ran out of address space */
+/* Fault pages in until killed; exits 3 if it cannot map its range */
 static void storm(void)
 {
 	char *p = mmap(NULL, CAP, PROT_READ | PROT_WRITE,
