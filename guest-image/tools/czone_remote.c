@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * czone_remote: a page belongs to the CZone of the mm it is mapped into,
- * whichever task faults it in (kernel patches 0036-0038).
+ * whichever task faults it in (kernel patches 0037-0039).
  *
  * 1. A child in CZone A waits on regions it inherited untouched.  This
  *    process, in no CZone, faults pages into the child's mm with

@@ -109,16 +109,18 @@ def test_ids_and_function_names_cannot_escape_the_bundle_root() -> None:
 
 def uapi_ioctls() -> dict[str, int]:
     """The request number of every CZone ioctl, computed from the UAPI header
-    as the kernel series defines it (``_IOWR(magic, nr, struct)``, with the
-    struct's ``*_SIZE_VER0``)."""
+    as the kernel series defines it: ``CZONE_IOC(dir, nr, NAME)``, which
+    encodes the struct's ``CZONE_NAME_SIZE_VER0`` rather than its sizeof()."""
     text = "\n".join(line[1:] for p in sorted((REPO / "kernel-patches/6.12.x").glob("*.patch"))
-                     for line in p.read_text().splitlines() if line.startswith("+#define CZONE_"))
-    sizes = {m[1].lower(): int(m[2]) for m in re.finditer(r"CZONE_(\w+)_SIZE_VER0 (\d+)", text)}
-    magic = int(re.search(r"CZONE_IOC_MAGIC\s+(0x\w+)", text)[1], 16)
-    dirs = {"_IOWR": 3, "_IOW": 1, "_IOR": 2}
+                     for line in p.read_text().splitlines()
+                     if line.startswith("+") and not line.startswith("+++"))
+    assert "_IOC(dir, CZONE_IOC_MAGIC, nr, CZONE_##name##_SIZE_VER0)" in text
+    sizes = {m[1]: int(m[2]) for m in re.finditer(r"#define CZONE_(\w+)_SIZE_VER0 (\d+)", text)}
+    magic = int(re.search(r"#define CZONE_IOC_MAGIC\s+(0x\w+)", text)[1], 16)
+    dirs = {"_IOC_READ | _IOC_WRITE": 3, "_IOC_WRITE": 1, "_IOC_READ": 2}
     return {m[1]: (dirs[m[2]] << 30) | (sizes[m[4]] << 16) | (magic << 8) | int(m[3], 16)
-            for m in re.finditer(r"CZONE_IOC_(\w+)\s+(_IOW?R?)\(CZONE_IOC_MAGIC, (0x\w+), "
-                                 r"struct czone_(\w+)\)", text)}
+            for m in re.finditer(r"#define CZONE_IOC_(\w+)\s+CZONE_IOC\(([^,]+), (0x\w+), "
+                                 r"(\w+)\)", text)}
 
 
 def test_ioctl_numbers_match_the_uapi_header(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -421,7 +421,7 @@ def test_requested_size_shrink_takes_free_chunks_first(czvm: Machine,
     assert agent.verify("busy") == 32 * 256
 
     # What CZones use cannot go: the driver keeps it and says how much.  An
-    # empty reserve chunk (kernel 0049) the first shrink did not need goes now.
+    # empty reserve chunk (kernel 0050) the first shrink did not need goes now.
     qmp.set_requested_size(czvm, DEV, 0)
     with czvm.ssh() as ssh:
         ssh.check("for i in $(seq 100); do grep -q '^shortfall_bytes [1-9]' "
@@ -474,7 +474,7 @@ def test_virtio_mem_beside_virtio_czone(microvm_factory, argv_first: str) -> Non
     registers first and probes first whatever the argv order; rebinding it
     then probes it after virtio-czone.  Each order once had the second
     driver fail: there was one online_page callback for both (kernel
-    patches 0039/0040)."""
+    patches 0040/0041)."""
     if argv_first == "virtio-czone":
         spec = {**CZONE_VIRTIO_VM,
                 "extra_args": tuple(memory_device("virtio-mem-pci", VMEM, 1024, 0))}
@@ -522,7 +522,7 @@ def test_virtio_mem_beside_virtio_czone(microvm_factory, argv_first: str) -> Non
 def test_region_goes_movable_whatever_the_online_policy(microvm_factory) -> None:
     """memhp_default_state=online would online hot-added memory to ZONE_NORMAL
     while the driver adds it; the driver's memory notifier refuses that, and
-    every block of the region ends up in ZONE_MOVABLE (kernel patch 0041)."""
+    every block of the region ends up in ZONE_MOVABLE (kernel patch 0042)."""
     vm = microvm_factory.boot("czonline", **CZONE_VIRTIO_VM,
                               extra_append="memhp_default_state=online")
     with vm.ssh() as ssh:
