@@ -67,10 +67,11 @@ def render(accel: str, why: str, reps: Mapping[int, int],
         table(["MiB", "case", "n", "latency (ms)", "spread (ms)", "returned (MiB)",
                "complete (%)", "note"], rows), "",
         "ratios per repetition, medians [min-max] (targets: speedup >= 20, the first "
-        "destroy against the first shrink; the second destroy in the VM <= 1.3 x raw + fixed "
+        "destroy against the first shrink; a warm destroy in the VM <= 1.3 x raw + fixed "
         "guest cost in every repetition, where raw = the mean of the one-hole punches of the "
-        "same bytes just before and after it, fixed = an empty CZone's destroy round trip; "
-        "complete >= 99%)",
+        "same bytes just before and after it, fixed = an empty CZone's destroy round trip, "
+        f"and a repetition's warm destroy is the median of its {cases.WARM_ROUNDS} rounds' "
+        "(excess over budget); complete >= 99%)",
         table(["MiB", "virtio-mem until S / CZone", "second destroy / raw",
                "first destroy / raw", "second destroy (ms)",
                "1.3 x raw + fixed (ms)", "fixed: empty destroy (ms)", "stat round trip (ms)",

@@ -144,6 +144,27 @@ def plan(env: Mapping[str, str]) -> dict[int, int]:
 
 # -- pure summaries ----------------------------------------------------------
 
+def median_round(rounds: list[tuple[Sample, Sample, Sample]],
+                 fixed_s: float) -> tuple[Sample, Sample, Sample]:
+    """Of a repetition's warm rounds (destroy, one-hole punch before, after), the
+    one whose excess over its own budget is the median: the upper middle one for
+    an even count, so that a tie never favours the faster.  Its destroy keeps
+    every round's figures in ``extra["rounds"]``."""
+    if not rounds:
+        raise ValueError("no warm rounds to choose from")
+    table = []
+    for warm, before, after in rounds:
+        raw = (before.latency_s + after.latency_s) / 2
+        budget = RAW_FACTOR * raw + fixed_s
+        table.append({"destroy_s": warm.latency_s, "raw_s": raw, "budget_s": budget,
+                      "met": warm.latency_s <= budget})
+    order = sorted(range(len(table)), key=lambda i: table[i]["destroy_s"] - table[i]["budget_s"])
+    pick = order[len(order) // 2]
+    warm, before, after = rounds[pick]
+    warm.extra |= {"rounds": table, "median_round": pick}
+    return warm, before, after
+
+
 def rep_ratios(rep: Mapping[str, Sample]) -> dict[str, Any]:
     """The side-by-side comparisons of one repetition."""
     cz, warm, until = rep["czone"], rep["czone_warm"], rep["vmem_until"]
@@ -165,6 +186,10 @@ def rep_ratios(rep: Mapping[str, Sample]) -> dict[str, Any]:
         "stat_round_trip_s": cz.extra["stat_round_trip_s"],
         "destroy_in_guest_s": warm.extra["destroy"]["ns"] / 1e9,
         "completeness": min(cz.completeness, warm.completeness),
+        # samples from before the warm rounds had one round per repetition
+        "rounds": len(warm.extra.get("rounds", [None])),
+        "rounds_met": (sum(r["met"] for r in warm.extra["rounds"])
+                       if "rounds" in warm.extra else int(warm.latency_s <= budget)),
     }
 
 
@@ -188,6 +213,8 @@ def summarize(reps: list[Mapping[str, Sample]]) -> dict[str, Any]:
     out["spread"] = {key: (min(r[key] for r in ratios), max(r[key] for r in ratios))
                      for key in ("speedup_vs_vmem", "czone_vs_raw")}
     out["met_reps"] = sum(r["raw_budget_met"] for r in ratios)
+    out["met_rounds"] = sum(r["rounds_met"] for r in ratios)
+    out["rounds"] = sum(r["rounds"] for r in ratios)
     out["notes"] = {case: notes(case, [r[case] for r in reps]) for case in LABELS}
     return out
 
@@ -262,6 +289,7 @@ def verdicts(summaries: Mapping[int, Mapping[str, Any]]) -> list[str]:
                    f"{'met' if r['speedup_vs_vmem'] >= SPEEDUP_TARGET else 'MISSED'}; "
                    f"within {RAW_FACTOR:g} x raw + fixed guest cost in every repetition "
                    f"{'met' if r['raw_budget_met'] else 'MISSED'} "
-                   f"({s['met_reps']} of {s['n']}); "
+                   f"({s['met_reps']} of {s['n']}; single warm destroys "
+                   f"{s['met_rounds']} of {s['rounds']}); "
                    f"completeness {'met' if r['completeness'] >= COMPLETE_TARGET else 'MISSED'}")
     return out
