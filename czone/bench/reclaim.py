@@ -69,12 +69,14 @@ def render(accel: str, why: str, reps: Mapping[int, int],
         "ratios per repetition, medians [min-max] (targets: speedup >= 20, the first "
         "destroy against the first shrink; a warm destroy in the VM <= 1.3 x raw + fixed "
         "guest cost in every repetition, where raw = the mean of the one-hole punches of the "
-        "same bytes just before and after it, fixed = an empty CZone's destroy round trip, "
+        "same bytes just before and after it, fixed = the destroy round trip of a CZone whose "
+        "container touched nothing (one chunk, one UNPLUG), "
         f"and a repetition's warm destroy is the median of its {cases.WARM_ROUNDS} rounds' "
         "(excess over budget); complete >= 99%)",
         table(["MiB", "virtio-mem until S / CZone", "second destroy / raw",
                "first destroy / raw", "second destroy (ms)",
-               "1.3 x raw + fixed (ms)", "fixed: empty destroy (ms)", "stat round trip (ms)",
+               "1.3 x raw + fixed (ms)", "fixed: one-chunk destroy (ms)", "empty destroy (ms)",
+               "stat round trip (ms)",
                "second destroy in guest (ms)", "CZone complete (%)"],
               [ratio_row(size, s) for size, s in summaries.items()]),
         "", *verdicts(summaries)])

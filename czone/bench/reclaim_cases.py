@@ -9,6 +9,7 @@ the host's: the QEMU process's RSS and its memfds' allocation, sampled by
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -103,10 +104,24 @@ def median_time(ask: Callable[[Any], object], prepare: Callable[[], Any] = lambd
 
 
 def fixed_costs(agent: GuestAgent, live: int) -> dict[str, float]:
-    """The guest's fixed cost, from the host: a no-op agent round trip (``stat``) and
-    the round trip of destroying a CZone that never had a chunk."""
+    """The guest's fixed cost, from the host: a no-op agent round trip (``stat``),
+    the round trip of destroying a CZone that never had a chunk, and that of
+    destroying one whose container touched 1 MiB: the protocol's whole round
+    trip (the chunk taken back, one ``UNPLUG`` to the device and its answer)
+    with little for the host to punch.  A container that touched nothing may
+    not have taken a chunk yet."""
+    n = itertools.count()
+
+    def one_chunk() -> int:
+        czone, name = agent.create(2 * BLOCK_MIB), f"fixed{next(n)}"
+        agent.spawn(name, czone, BLOCK_MIB, thp=False)
+        agent.touch(name, 1)
+        agent.kill(name)
+        return czone
+
     return {"stat_round_trip_s": median_time(lambda _: agent.stat(live)),
-            "empty_destroy_s": median_time(agent.destroy, lambda: agent.create(BLOCK_MIB))}
+            "empty_destroy_s": median_time(agent.destroy, lambda: agent.create(BLOCK_MIB)),
+            "one_chunk_destroy_s": median_time(agent.destroy, one_chunk)}
 
 
 # -- the cases -------------------------------------------------------------
@@ -143,7 +158,7 @@ def czone_destroy(size_mib: int) -> tuple[Sample, Sample, dict[str, Sample], str
 
         rounds = [warm_round(vm, agent, size_mib, f"{AGAIN}{i}") for i in range(WARM_ROUNDS)]
         warm, beside["memfd"], beside["memfd_after"] = median_round(
-            rounds, fixed["empty_destroy_s"])
+            rounds, fixed["one_chunk_destroy_s"])
         beside["anon"] = raw.anon_dontneed(size_mib)
         warm.extra |= {**fixed, "verified_pages": verify_neighbours(agent, size_mib)}
     return cold, warm, beside, accel

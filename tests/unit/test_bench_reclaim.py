@@ -146,6 +146,11 @@ def test_rep_ratios() -> None:
     assert r["over_raw_budget_s"] == pytest.approx(0.0125)
     assert r["raw_budget_met"] is False
     assert r["destroy_in_guest_s"] == pytest.approx(0.015)
+    # the fixed cost is the one-chunk destroy's where it was measured
+    rep["czone"].extra["one_chunk_destroy_s"] = 0.003
+    r2 = rep_ratios(rep)
+    assert r2["raw_budget_s"] == pytest.approx(1.3 * 0.005 + 0.003)
+    assert (r2["fixed_guest_s"], r2["empty_destroy_s"]) == (0.003, 0.001)
     assert r["completeness"] == 1.0 and r["vmem_reached"]
 
 
