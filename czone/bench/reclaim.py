@@ -70,7 +70,7 @@ def render(accel: str, why: str, reps: Mapping[int, int],
         "destroy against the first shrink; a warm destroy in the VM <= 1.3 x raw + fixed "
         "guest cost in every repetition, where raw = the mean of the one-hole punches of the "
         "same bytes just before and after it, fixed = the destroy round trip of a CZone whose "
-        "container touched nothing (one chunk, one UNPLUG), "
+        "container touched 1 MiB (one chunk, one UNPLUG), "
         f"and a repetition's warm destroy is the median of its {cases.WARM_ROUNDS} rounds' "
         "(excess over budget); complete >= 99%)",
         table(["MiB", "virtio-mem until S / CZone", "second destroy / raw",
