@@ -144,6 +144,11 @@ def plan(env: Mapping[str, str]) -> dict[int, int]:
 
 # -- pure summaries ----------------------------------------------------------
 
+def raw_budget(raw_s: float, fixed_s: float) -> float:
+    """How long a destroy of the bytes a raw punch freed in ``raw_s`` may take."""
+    return RAW_FACTOR * raw_s + fixed_s
+
+
 def median_round(rounds: list[tuple[Sample, Sample, Sample]],
                  fixed_s: float) -> tuple[Sample, Sample, Sample]:
     """Of a repetition's warm rounds (destroy, one-hole punch before, after), the
@@ -155,7 +160,7 @@ def median_round(rounds: list[tuple[Sample, Sample, Sample]],
     table = []
     for warm, before, after in rounds:
         raw = (before.latency_s + after.latency_s) / 2
-        budget = RAW_FACTOR * raw + fixed_s
+        budget = raw_budget(raw, fixed_s)
         table.append({"destroy_s": warm.latency_s, "raw_s": raw, "budget_s": budget,
                       "met": warm.latency_s <= budget})
     order = sorted(range(len(table)), key=lambda i: table[i]["destroy_s"] - table[i]["budget_s"])
@@ -172,7 +177,7 @@ def rep_ratios(rep: Mapping[str, Sample]) -> dict[str, Any]:
     raw = (rep["memfd"].latency_s + rep["memfd_after"].latency_s) / 2
     # samples from before 2026-12-01 08:30 knew only the empty destroy
     fixed = cz.extra.get("one_chunk_destroy_s", cz.extra["empty_destroy_s"])
-    budget = RAW_FACTOR * raw + fixed
+    budget = raw_budget(raw, fixed)
     return {
         # both cold: the first shrink and the first destroy in their VMs
         "speedup_vs_vmem": until.latency_s / cz.latency_s if cz.latency_s else float("inf"),
